@@ -1,0 +1,2 @@
+//! miniapp-gateway: a CONNECT proxy that enforces per-miniapp domain whitelists.
+pub mod policy;

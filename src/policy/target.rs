@@ -1,0 +1,98 @@
+//! The target of a CONNECT: `host:port` in authority form, nothing more.
+//!
+//! Parsing is strict because everything after it trusts the result: a port is mandatory and
+//! in 1–65535, userinfo and paths are refused, and the host is classified (name or address)
+//! and normalized here, once.
+
+use super::host::{Host, HostError, parse_host};
+
+/// A parsed, normalized CONNECT target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub host: Host<'a>,
+    pub port: u16,
+}
+
+/// Why a CONNECT target was refused as malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("the target must be host:port")]
+    MissingPort,
+    #[error("the port must be a number from 1 to 65535")]
+    BadPort,
+    #[error("the target must not carry userinfo")]
+    Userinfo,
+    #[error("the target must be host:port, without scheme, path or query")]
+    NotAuthority,
+    #[error("{0}")]
+    Host(#[from] HostError),
+}
+
+/// Parse a CONNECT request target (`api.shop.example:443`, `[2001:db8::1]:443`).
+pub fn parse_authority(raw: &str) -> Result<Target<'_>, TargetError> {
+    if raw.contains('@') {
+        return Err(TargetError::Userinfo);
+    }
+    if raw.contains(['/', '?', '#', '\\']) {
+        return Err(TargetError::NotAuthority);
+    }
+    let (host, port) = raw.rsplit_once(':').ok_or(TargetError::MissingPort)?;
+    if host.starts_with('[') != host.ends_with(']') || (!host.starts_with('[') && host.contains(':')) {
+        return Err(TargetError::NotAuthority);
+    }
+    let port = parse_port(port)?;
+    let host = parse_host(host)?;
+    Ok(Target { host, port })
+}
+
+/// A decimal port from 1 to 65535, digits only (no sign, no spaces).
+pub fn parse_port(raw: &str) -> Result<u16, TargetError> {
+    if raw.is_empty() {
+        return Err(TargetError::MissingPort);
+    }
+    if raw.len() > 5 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(TargetError::BadPort);
+    }
+    match raw.parse::<u16>() {
+        Ok(0) | Err(_) => Err(TargetError::BadPort),
+        Ok(port) => Ok(port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+    use std::net::IpAddr;
+
+    #[test]
+    fn parses_names_and_addresses() {
+        let t = parse_authority("API.Shop.Example.:8443").unwrap();
+        assert_eq!(t.host, Host::Name(Cow::Borrowed("api.shop.example")));
+        assert_eq!(t.port, 8443);
+        let t = parse_authority("[::1]:443").unwrap();
+        assert_eq!(t.host, Host::Ip("::1".parse::<IpAddr>().unwrap()));
+        let t = parse_authority("127.0.0.1:443").unwrap();
+        assert_eq!(t.host, Host::Ip("127.0.0.1".parse::<IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn refuses_malformed_targets() {
+        let cases = [
+            ("api.shop.example", TargetError::MissingPort),
+            ("api.shop.example:", TargetError::MissingPort),
+            ("api.shop.example:0", TargetError::BadPort),
+            ("api.shop.example:65536", TargetError::BadPort),
+            ("api.shop.example:+443", TargetError::BadPort),
+            ("api.shop.example:044300", TargetError::BadPort),
+            ("user:pw@api.shop.example:443", TargetError::Userinfo),
+            ("api.shop.example:443/x", TargetError::NotAuthority),
+            ("::1:443", TargetError::NotAuthority),
+            ("[::1:443", TargetError::NotAuthority),
+            (":443", TargetError::Host(HostError::Empty)),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_authority(raw), Err(want), "{raw:?}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Decision tests: every branch of [`Policy::decide`], and property tests of the matcher.
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn list(raw: &[&str]) -> DomainList {
+    DomainList::new(raw.iter().map(|r| parse_entry(r).unwrap()).collect())
+}
+
+fn app(id: &str, action: Action, server: &[&str], webview: &[&str]) -> App {
+    App {
+        id: id.into(),
+        name: None,
+        token: None,
+        action,
+        server_domains: list(server),
+        webview_domains: list(webview),
+        api_whitelist: HashSet::new(),
+    }
+}
+
+fn policy(unknown_app: Option<&str>) -> Policy {
+    Policy::new(
+        vec![
+            app("demo", Action::Enforce, &["https://api.shop.example", "*.cdn.shop.example"], &[".shop.example"]),
+            app("watch", Action::Report, &["api.shop.example"], &[]),
+            app("free", Action::Open, &["api.shop.example"], &[]),
+        ],
+        GlobalRules {
+            global_deny: list(&["bad.shop.example", "*.tracker.example"]),
+            global_allow: list(&["status.example"]),
+            unknown_app: unknown_app.map(Into::into),
+            block_private_addresses: true,
+            resolve: HashMap::new(),
+        },
+    )
+}
+
+fn target(raw: &str) -> Target<'_> {
+    parse_authority(raw).unwrap()
+}
+
+fn decide(p: &Policy, app: &str, channel: Channel, raw: &str) -> (Verdict, Reason, Option<String>) {
+    let d = p.decide(app, channel, &target(raw));
+    (d.verdict, d.reason, d.rule.map(|r| r.to_string()))
+}
+
+#[test]
+fn whitelisted_hosts_are_allowed_with_their_rule() {
+    let p = policy(None);
+    let got = decide(&p, "demo", Channel::Request, "api.shop.example:443");
+    assert_eq!(got, (Verdict::Allow, Reason::Whitelisted, Some("server_domains[0]".into())));
+    let got = decide(&p, "demo", Channel::Request, "a.b.cdn.shop.example:443");
+    assert_eq!(got, (Verdict::Allow, Reason::Whitelisted, Some("server_domains[1]".into())));
+}
+
+#[test]
+fn channels_never_stand_in_for_each_other() {
+    let p = policy(None);
+    assert_eq!(decide(&p, "demo", Channel::Webview, "api.shop.example:443").1, Reason::Whitelisted);
+    assert_eq!(decide(&p, "demo", Channel::Request, "shop.example:443").1, Reason::NotWhitelisted);
+    assert_eq!(decide(&p, "demo", Channel::Webview, "shop.example:443").1, Reason::Whitelisted);
+    assert_eq!(decide(&p, "demo", Channel::Webview, "x.cdn.shop.example:8443").1, Reason::NotWhitelisted);
+}
+
+#[test]
+fn refusals_carry_their_reason() {
+    let p = policy(None);
+    assert_eq!(decide(&p, "demo", Channel::Request, "evil.example:443"), (Verdict::Deny, Reason::NotWhitelisted, None));
+    assert_eq!(decide(&p, "demo", Channel::Request, "api.shop.example:8443").1, Reason::NotWhitelisted);
+    assert_eq!(decide(&p, "demo", Channel::Request, "93.184.216.34:443").1, Reason::IpLiteral);
+    assert_eq!(decide(&p, "demo", Channel::Request, "[2606:4700::1]:443").1, Reason::IpLiteral);
+    assert_eq!(decide(&p, "nobody", Channel::Request, "api.shop.example:443").1, Reason::UnknownApp);
+}
+
+#[test]
+fn global_deny_beats_every_allow_and_every_action() {
+    let p = policy(None);
+    for app in ["demo", "watch", "free"] {
+        let got = decide(&p, app, Channel::Request, "x.tracker.example:443");
+        assert_eq!(got, (Verdict::Deny, Reason::GlobalDeny, Some("global_deny[1]".into())), "{app}");
+    }
+    assert_eq!(decide(&p, "demo", Channel::Webview, "bad.shop.example:443").1, Reason::GlobalDeny);
+}
+
+#[test]
+fn global_allow_applies_after_the_apps_lists() {
+    let p = policy(None);
+    let got = decide(&p, "demo", Channel::Webview, "status.example:443");
+    assert_eq!(got, (Verdict::Allow, Reason::GlobalAllow, Some("global_allow[0]".into())));
+}
+
+#[test]
+fn actions_relax_only_the_apps_own_lists() {
+    let p = policy(None);
+    assert_eq!(decide(&p, "watch", Channel::Request, "evil.example:443"), (Verdict::Report, Reason::NotWhitelisted, None));
+    assert_eq!(decide(&p, "watch", Channel::Request, "10.0.0.1:443"), (Verdict::Report, Reason::IpLiteral, None));
+    assert_eq!(decide(&p, "watch", Channel::Request, "api.shop.example:443").1, Reason::Whitelisted);
+    assert_eq!(decide(&p, "free", Channel::Request, "evil.example:443"), (Verdict::Allow, Reason::Open, None));
+    assert_eq!(decide(&p, "free", Channel::Request, "api.shop.example:443").1, Reason::Whitelisted);
+}
+
+#[test]
+fn unknown_apps_fall_back_when_configured() {
+    let p = policy(Some("demo"));
+    let d = p.decide("stranger", Channel::Request, &target("api.shop.example:443"));
+    assert_eq!((d.verdict, d.reason), (Verdict::Allow, Reason::Whitelisted));
+    assert_eq!(d.app.map(|a| &*a.id), Some("demo"));
+    assert_eq!(decide(&p, "stranger", Channel::Request, "evil.example:443").1, Reason::NotWhitelisted);
+}
+
+#[test]
+fn normalized_spellings_match() {
+    let p = policy(None);
+    for raw in ["API.SHOP.EXAMPLE:443", "api.shop.example.:443", "Api.Shop.Example.:443"] {
+        assert_eq!(decide(&p, "demo", Channel::Request, raw).1, Reason::Whitelisted, "{raw}");
+    }
+    for raw in ["api.shop.example.evil.net:443", "evilapi.shop.example:443", "cdn.shop.example:443"] {
+        assert_eq!(decide(&p, "demo", Channel::Request, raw).1, Reason::NotWhitelisted, "{raw}");
+    }
+}
+
+#[test]
+fn resolve_overrides_prefer_a_port_specific_key() {
+    let mut p = policy(None);
+    let ip = "127.0.0.1".parse().unwrap();
+    p.rules.resolve.insert(
+        "api.shop.example".into(),
+        vec![
+            (None, ResolveOverride { ip, port: Some(9443) }),
+            (Some(8443), ResolveOverride { ip, port: None }),
+        ],
+    );
+    assert_eq!(p.resolve_override("api.shop.example", 443), Some("127.0.0.1:9443".parse().unwrap()));
+    assert_eq!(p.resolve_override("api.shop.example", 8443), Some("127.0.0.1:8443".parse().unwrap()));
+    assert_eq!(p.resolve_override("img.shop.example", 443), None);
+}
+
+fn label() -> impl Strategy<Value = String> {
+    "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
+}
+
+fn name() -> impl Strategy<Value = String> {
+    // A letter-only last label keeps the names out of IPv4 and `localhost` territory.
+    (prop::collection::vec(label(), 0..4), "[a-z]{1,6}").prop_map(|(mut labels, tld)| {
+        labels.push(tld);
+        labels.join(".")
+    })
+}
+
+proptest! {
+    #[test]
+    fn normalization_is_idempotent(raw in "[a-zA-Z0-9.üé-]{1,40}") {
+        if let Ok(once) = normalize_host(&raw) {
+            let twice = normalize_host(&once).unwrap();
+            prop_assert_eq!(once.as_ref(), twice.as_ref());
+        }
+    }
+
+    #[test]
+    fn subdomain_wildcards_only_match_proper_subdomains(anchor in name(), host in name()) {
+        let l = list(&[&format!("*.{anchor}")]);
+        let matched = l.find(&host, 443).is_some();
+        prop_assert_eq!(matched, host.ends_with(&format!(".{anchor}")));
+    }
+
+    #[test]
+    fn dot_entries_match_the_domain_or_proper_subdomains(anchor in name(), host in name()) {
+        let l = list(&[&format!(".{anchor}")]);
+        let matched = l.find(&host, 443).is_some();
+        prop_assert_eq!(matched, host == anchor || host.ends_with(&format!(".{anchor}")));
+    }
+
+    #[test]
+    fn exact_entries_match_only_themselves(entry in name(), host in name(), port in 1u16..) {
+        let l = list(&[&format!("{entry}:{port}")]);
+        prop_assert_eq!(l.find(&host, port).is_some(), host == entry);
+        prop_assert_eq!(l.find(&entry, port.wrapping_add(1).max(1)).is_some(), port.wrapping_add(1).max(1) == port);
+    }
+
+    #[test]
+    fn hostile_targets_never_panic(raw in "\\PC{0,80}") {
+        if let Ok(t) = parse_authority(&raw) {
+            let p = policy(Some("demo"));
+            let _ = p.decide("demo", Channel::Request, &t);
+            if let Host::Name(n) = &t.host {
+                prop_assert!(normalize_host(n).is_ok());
+            }
+        }
+    }
+}
