@@ -1,2 +1,3 @@
 //! miniapp-gateway: a CONNECT proxy that enforces per-miniapp domain whitelists.
 pub mod policy;
+pub mod config;

@@ -1,0 +1,121 @@
+//! Configuration: the TOML schema, its validation into typed values, and loading.
+//!
+//! [`load`] reads the config file and every `*.toml` in its `apps_dir`, deserializes them with
+//! spans ([`schema`]), and validates everything in one pass ([`validate`]), collecting every
+//! error as `PATH:LINE:COL: message` rather than stopping at the first. A [`Config`] that comes
+//! out is complete and consistent; nothing downstream re-checks it.
+
+pub mod schema;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::policy::{Channel, Policy};
+
+/// The default config path, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/gateway.toml";
+
+/// A loaded, validated configuration: one immutable snapshot of everything reloadable.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// `apps_dir`, resolved against the config file's directory, when set.
+    pub apps_dir: Option<PathBuf>,
+    pub server: Server,
+    pub limits: Limits,
+    /// `server.listen` first, then every `[[listener]]`.
+    pub listeners: Vec<ListenerSpec>,
+    pub require_https: bool,
+    pub verify_tls: bool,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A proxy listener and, for a `[[listener]]` with `app`, the identity its traffic carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub listen: SocketAddr,
+    pub binding: Option<Binding>,
+}
+
+/// A fixed identity: every connection on the listener is this app on this channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub app: Box<str>,
+    pub channel: Channel,
+}
+
+/// One problem in one file, at one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.col, self.message)
+    }
+}
+
+/// Every problem found in a config, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Load and validate the config at `path` (and its `apps_dir`).
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    validate::load(path)
+}
+
+/// Validate config text as if it were the file at `path` (its `apps_dir` is still read from
+/// disk, relative to `path`).
+pub fn load_str(path: &Path, text: String) -> Result<Config, ConfigErrors> {
+    validate::load_text(path, text)
+}

@@ -1,0 +1,157 @@
+//! The config file as written: serde structs that refuse unknown keys and keep the span of
+//! every value that validation may need to point at.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::policy::{Action, Channel};
+
+pub type SpannedList<T> = Spanned<Vec<Spanned<T>>>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub resolve: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub listener: Vec<RawListener>,
+    pub tls: Option<Spanned<RawTls>>,
+    #[serde(default)]
+    pub app: Vec<RawApp>,
+}
+
+/// A file in `apps_dir`: nothing but `[[app]]` tables.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppsFile {
+    #[serde(default)]
+    pub app: Vec<RawApp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<String>>,
+    pub admin_listen: Option<Spanned<String>>,
+    pub admin_token: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<Spanned<i64>>,
+    pub connect_timeout: Option<Spanned<HumanDuration>>,
+    pub header_timeout: Option<Spanned<HumanDuration>>,
+    pub idle_timeout: Option<Spanned<HumanDuration>>,
+    pub shutdown_grace: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub action: Option<Action>,
+    pub require_https: Option<Spanned<bool>>,
+    pub verify_tls: Option<Spanned<bool>>,
+    pub block_private_addresses: Option<bool>,
+    pub unknown_app: Option<Spanned<String>>,
+    pub max_server_domains: Option<Spanned<i64>>,
+    pub max_webview_domains: Option<Spanned<i64>>,
+    pub global_deny: Option<SpannedList<RawEntry>>,
+    pub global_allow: Option<SpannedList<RawEntry>>,
+    pub apps_dir: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub listen: Spanned<String>,
+    pub app: Option<Spanned<String>>,
+    pub channel: Option<Channel>,
+    pub tls: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub id: Spanned<String>,
+    pub name: Option<String>,
+    pub token: Option<Spanned<String>>,
+    pub action: Option<Action>,
+    pub server_domains: Option<SpannedList<RawEntry>>,
+    pub webview_domains: Option<SpannedList<RawEntry>>,
+    pub api_whitelist: Option<Vec<Spanned<String>>>,
+}
+
+/// A whitelist entry: `"api.shop.example"` or `{ domain = "…", remark = "…" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEntry {
+    pub domain: String,
+    pub remark: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntryVisitor;
+
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = RawEntry;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a domain string or a table { domain = "…", remark = "…" }"#)
+            }
+
+            fn visit_str<E: de::Error>(self, domain: &str) -> Result<RawEntry, E> {
+                Ok(RawEntry { domain: domain.to_owned(), remark: None })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEntry, A::Error> {
+                let mut domain = None;
+                let mut remark = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "domain" if domain.is_none() => domain = Some(map.next_value::<String>()?),
+                        "remark" if remark.is_none() => remark = Some(map.next_value::<String>()?),
+                        "domain" | "remark" => return Err(de::Error::duplicate_field("domain or remark")),
+                        other => return Err(de::Error::unknown_field(other, &["domain", "remark"])),
+                    }
+                }
+                let domain = domain.ok_or_else(|| de::Error::missing_field("domain"))?;
+                Ok(RawEntry { domain, remark })
+            }
+        }
+
+        deserializer.deserialize_any(EntryVisitor)
+    }
+}
+
+/// A humantime duration ("250ms", "5s", "5m").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. \"250ms\", \"5s\", \"5m\"")))
+    }
+}

@@ -1,0 +1,523 @@
+//! From raw TOML to a typed [`Config`], collecting every error with its file, line and column.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+
+use super::schema::{HumanDuration, RawApp, RawAppsFile, RawConfig, RawEntry, SpannedList};
+use super::{Binding, Config, ConfigError, ConfigErrors, Limits, ListenerSpec, Server};
+use crate::policy::{
+    self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride,
+    parse_entry, parse_host,
+};
+
+/// How long a remark may be, in characters (the mini-program consoles' limit).
+const MAX_REMARK_CHARS: usize = 200;
+/// Entries are indexed by `u16`; no real list comes near this.
+const MAX_LIST_LIMIT: i64 = 10_000;
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_MAX_DOMAINS: usize = 30;
+
+pub(super) fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_text(path, text),
+        Err(e) => Err(ConfigErrors(vec![file_error(path, format!("cannot read the config file: {e}"))])),
+    }
+}
+
+pub(super) fn load_text(path: &Path, text: String) -> Result<Config, ConfigErrors> {
+    let mut v = Validator::default();
+    let main = v.add_source(path.to_path_buf(), text);
+    let Some(raw) = v.parse::<RawConfig>(main) else {
+        return Err(v.into_errors());
+    };
+    let apps_dir = raw.policy.apps_dir.as_ref().map(|dir| resolve_relative(path, dir.get_ref()));
+    let mut apps: Vec<(usize, RawApp)> = Vec::new();
+    if let (Some(dir), Some(spanned)) = (&apps_dir, &raw.policy.apps_dir) {
+        v.read_apps_dir(main, spanned.span(), dir, &mut apps);
+    }
+    let config = v.config(main, raw, apps, apps_dir);
+    if v.errors.is_empty() { Ok(config) } else { Err(v.into_errors()) }
+}
+
+fn file_error(path: &Path, message: String) -> ConfigError {
+    ConfigError { path: path.to_path_buf(), line: 1, col: 1, message }
+}
+
+fn resolve_relative(config: &Path, relative: &str) -> PathBuf {
+    let base = config.parent().unwrap_or(Path::new("."));
+    base.join(relative)
+}
+
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    /// 1-based line and column (in characters) of a byte offset.
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = self.text.get(..offset).unwrap_or(&self.text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let col = before[line_start..].chars().count() + 1;
+        (line, col)
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    sources: Vec<Source>,
+    /// (source, byte offset, message)
+    errors: Vec<(usize, usize, String)>,
+}
+
+/// Where an app was defined, to point a duplicate at the first definition.
+struct Origin {
+    source: usize,
+    offset: usize,
+}
+
+impl Validator {
+    fn add_source(&mut self, path: PathBuf, text: String) -> usize {
+        self.sources.push(Source { path, text });
+        self.sources.len() - 1
+    }
+
+    fn error(&mut self, source: usize, span: Range<usize>, message: impl Into<String>) {
+        self.errors.push((source, span.start, message.into()));
+    }
+
+    fn into_errors(mut self) -> ConfigErrors {
+        self.errors.sort_by_key(|(source, offset, _)| (*source, *offset));
+        let errors = self
+            .errors
+            .iter()
+            .map(|(source, offset, message)| {
+                let src = &self.sources[*source];
+                let (line, col) = src.position(*offset);
+                ConfigError { path: src.path.clone(), line, col, message: message.clone() }
+            })
+            .collect();
+        ConfigErrors(errors)
+    }
+
+    fn parse<T: DeserializeOwned>(&mut self, source: usize) -> Option<T> {
+        match toml::from_str::<T>(&self.sources[source].text) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let message = e.message().trim_end().to_owned();
+                self.error(source, span, message);
+                None
+            }
+        }
+    }
+
+    fn location(&self, origin: &Origin) -> String {
+        let src = &self.sources[origin.source];
+        let (line, col) = src.position(origin.offset);
+        format!("{}:{line}:{col}", src.path.display())
+    }
+
+    fn read_apps_dir(&mut self, main: usize, span: Range<usize>, dir: &Path, apps: &mut Vec<(usize, RawApp)>) {
+        let listing = match std::fs::read_dir(dir) {
+            Ok(listing) => listing,
+            Err(e) => {
+                self.error(main, span, format!("cannot read apps_dir {}: {e}", dir.display()));
+                return;
+            }
+        };
+        let mut files: Vec<PathBuf> = listing
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
+            .collect();
+        files.sort();
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => {
+                    let source = self.add_source(file, text);
+                    if let Some(parsed) = self.parse::<RawAppsFile>(source) {
+                        apps.extend(parsed.app.into_iter().map(|app| (source, app)));
+                    }
+                }
+                Err(e) => {
+                    let source = self.add_source(file, String::new());
+                    self.error(source, 0..0, format!("cannot read the apps file: {e}"));
+                }
+            }
+        }
+    }
+
+    fn config(&mut self, main: usize, raw: RawConfig, extra_apps: Vec<(usize, RawApp)>, apps_dir: Option<PathBuf>) -> Config {
+        let server = self.server(main, &raw);
+        let limits = self.limits(main, &raw);
+        let p = &raw.policy;
+        let default_action = p.action.unwrap_or_default();
+        let max_server = self.list_limit(main, p.max_server_domains.as_ref());
+        let max_webview = self.list_limit(main, p.max_webview_domains.as_ref());
+
+        let require_https = p.require_https.as_ref().is_none_or(|flag| {
+            if !flag.get_ref() {
+                self.error(main, flag.span(), "require_https = false is not supported: plain-HTTP forwarding is not implemented");
+            }
+            true
+        });
+        let verify_tls = p.verify_tls.as_ref().is_none_or(|flag| *flag.get_ref());
+        if let Some(tls) = &raw.tls {
+            self.error(main, tls.span(), "[tls] (an HTTPS proxy listener) is not supported by this build yet");
+        }
+
+        let global_deny = self.domain_list(main, p.global_deny.as_ref(), "global_deny", usize::MAX);
+        let global_allow = self.domain_list(main, p.global_allow.as_ref(), "global_allow", usize::MAX);
+
+        let resolve = self.resolve(main, &raw);
+        let mut all_apps: Vec<(usize, RawApp)> = raw.app.into_iter().map(|app| (main, app)).collect();
+        all_apps.extend(extra_apps);
+        let mut apps = Vec::with_capacity(all_apps.len());
+        let mut seen: HashMap<String, Origin> = HashMap::with_capacity(all_apps.len());
+        for (source, raw_app) in &all_apps {
+            let id = raw_app.id.get_ref();
+            if let Some(first) = seen.get(id.as_str()) {
+                let message = format!("duplicate app id {id:?} (first defined at {})", self.location(first));
+                self.error(*source, raw_app.id.span(), message);
+                continue;
+            }
+            seen.insert(id.clone(), Origin { source: *source, offset: raw_app.id.span().start });
+            if let Some(app) = self.app(*source, raw_app, default_action, max_server, max_webview) {
+                apps.push(app);
+            }
+        }
+
+        let unknown_app = match &p.unknown_app {
+            None => None,
+            Some(name) if name.get_ref() == "deny" => None,
+            Some(name) => {
+                if !seen.contains_key(name.get_ref().as_str()) {
+                    self.error(main, name.span(), format!("unknown_app = {:?} names no app (use \"deny\" or an app id)", name.get_ref()));
+                }
+                Some(name.get_ref().as_str().into())
+            }
+        };
+
+        let mut listeners = vec![ListenerSpec { listen: server.listen, binding: None }];
+        for listener in &raw.listener {
+            let listen = self.socket_addr(main, &listener.listen, "listen");
+            if let Some(tls) = &listener.tls
+                && *tls.get_ref()
+            {
+                self.error(main, tls.span(), "tls = true on a listener is not supported by this build yet");
+            }
+            if listener.channel.is_some() && listener.app.is_none() {
+                self.error(main, listener.listen.span(), "a [[listener]] with a channel must also name its app");
+            }
+            let binding = listener.app.as_ref().map(|app| {
+                if !seen.contains_key(app.get_ref().as_str()) {
+                    self.error(main, app.span(), format!("[[listener]] app {:?} names no app", app.get_ref()));
+                }
+                Binding { app: app.get_ref().as_str().into(), channel: listener.channel.unwrap_or(Channel::Request) }
+            });
+            if listen.port() != 0 && listeners.iter().any(|l| l.listen == listen) {
+                self.error(main, listener.listen.span(), format!("{listen} is already a proxy listener"));
+            }
+            listeners.push(ListenerSpec { listen, binding });
+        }
+
+        let rules = GlobalRules {
+            global_deny,
+            global_allow,
+            unknown_app,
+            block_private_addresses: p.block_private_addresses.unwrap_or(true),
+            resolve,
+        };
+        Config {
+            path: self.sources[main].path.clone(),
+            apps_dir,
+            server,
+            limits,
+            listeners,
+            require_https,
+            verify_tls,
+            policy: Policy::new(apps, rules),
+        }
+    }
+
+    fn server(&mut self, main: usize, raw: &RawConfig) -> Server {
+        let listen = match &raw.server.listen {
+            Some(listen) => self.socket_addr(main, listen, "listen"),
+            None => DEFAULT_LISTEN.parse().expect("the default listen address is valid"),
+        };
+        let admin_listen = raw.server.admin_listen.as_ref().map(|a| self.socket_addr(main, a, "admin_listen"));
+        let admin_token = raw.server.admin_token.as_ref().map(|token| {
+            if token.get_ref().is_empty() {
+                self.error(main, token.span(), "admin_token must not be empty (remove it to disable admin authentication)");
+            }
+            token.get_ref().clone()
+        });
+        Server { listen, admin_listen, admin_token }
+    }
+
+    fn socket_addr(&mut self, source: usize, raw: &Spanned<String>, key: &str) -> SocketAddr {
+        raw.get_ref().parse().unwrap_or_else(|_| {
+            self.error(source, raw.span(), format!("{key} must be IP:PORT (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"), not {:?}", raw.get_ref()));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn limits(&mut self, main: usize, raw: &RawConfig) -> Limits {
+        let l = &raw.limits;
+        let defaults = Limits::default();
+        let max_connections = match &l.max_connections {
+            None => defaults.max_connections,
+            Some(n) if *n.get_ref() >= 1 => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            Some(n) => {
+                self.error(main, n.span(), "max_connections must be at least 1");
+                defaults.max_connections
+            }
+        };
+        Limits {
+            max_connections,
+            connect_timeout: self.duration(main, l.connect_timeout.as_ref(), "connect_timeout", defaults.connect_timeout),
+            header_timeout: self.duration(main, l.header_timeout.as_ref(), "header_timeout", defaults.header_timeout),
+            idle_timeout: self.duration(main, l.idle_timeout.as_ref(), "idle_timeout", defaults.idle_timeout),
+            shutdown_grace: self.duration(main, l.shutdown_grace.as_ref(), "shutdown_grace", defaults.shutdown_grace),
+        }
+    }
+
+    fn duration(&mut self, main: usize, raw: Option<&Spanned<HumanDuration>>, key: &str, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(d) if d.get_ref().0.is_zero() && key != "shutdown_grace" => {
+                self.error(main, d.span(), format!("{key} must be longer than zero"));
+                default
+            }
+            Some(d) => d.get_ref().0,
+        }
+    }
+
+    fn list_limit(&mut self, main: usize, raw: Option<&Spanned<i64>>) -> usize {
+        match raw {
+            None => DEFAULT_MAX_DOMAINS,
+            Some(n) if (1..=MAX_LIST_LIMIT).contains(n.get_ref()) => usize::try_from(*n.get_ref()).unwrap_or(DEFAULT_MAX_DOMAINS),
+            Some(n) => {
+                self.error(main, n.span(), format!("list limits must be from 1 to {MAX_LIST_LIMIT}"));
+                DEFAULT_MAX_DOMAINS
+            }
+        }
+    }
+
+    fn app(&mut self, source: usize, raw: &RawApp, default_action: Action, max_server: usize, max_webview: usize) -> Option<App> {
+        let id = raw.id.get_ref();
+        let valid_id = (1..=64).contains(&id.len())
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !valid_id {
+            self.error(source, raw.id.span(), format!("app id {id:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - ."));
+        }
+        let token = raw.token.as_ref().map(|token| {
+            if token.get_ref().is_empty() {
+                self.error(source, token.span(), "token must not be empty (remove it to accept any password)");
+            }
+            token.get_ref().as_str().into()
+        });
+        let server_domains = self.domain_list(source, raw.server_domains.as_ref(), "server_domains", max_server);
+        let webview_domains = self.domain_list(source, raw.webview_domains.as_ref(), "webview_domains", max_webview);
+        let mut api_whitelist = HashSet::new();
+        for api in raw.api_whitelist.iter().flatten() {
+            let name = api.get_ref();
+            if name.is_empty() || name.chars().any(char::is_whitespace) {
+                self.error(source, api.span(), format!("API name {name:?} must be non-empty, without spaces"));
+            } else if !api_whitelist.insert(name.as_str().into()) {
+                self.error(source, api.span(), format!("duplicate API {name:?} in api_whitelist"));
+            }
+        }
+        valid_id.then(|| App {
+            id: id.as_str().into(),
+            name: raw.name.clone(),
+            token,
+            action: raw.action.unwrap_or(default_action),
+            server_domains,
+            webview_domains,
+            api_whitelist,
+        })
+    }
+
+    fn domain_list(&mut self, source: usize, raw: Option<&SpannedList<RawEntry>>, key: &str, max: usize) -> DomainList {
+        let Some(raw) = raw else {
+            return DomainList::default();
+        };
+        if raw.get_ref().len() > max {
+            self.error(source, raw.span(), format!("{key} has {} entries; at most {max} are allowed", raw.get_ref().len()));
+        }
+        let mut entries: Vec<Entry> = Vec::with_capacity(raw.get_ref().len());
+        for item in raw.get_ref().iter().take(max) {
+            let RawEntry { domain, remark } = item.get_ref();
+            if let Some(remark) = remark
+                && remark.chars().count() > MAX_REMARK_CHARS
+            {
+                self.error(source, item.span(), format!("the remark of {domain:?} is longer than {MAX_REMARK_CHARS} characters"));
+            }
+            match parse_entry(domain) {
+                Ok(entry) => {
+                    if let Some(first) = entries.iter().position(|e| e.pattern == entry.pattern && e.ports == entry.ports) {
+                        self.error(source, item.span(), format!("{domain:?} duplicates {key}[{first}]"));
+                    } else {
+                        entries.push(entry);
+                    }
+                }
+                Err(e) => self.error(source, item.span(), format!("{domain:?} in {key}: {e}")),
+            }
+        }
+        DomainList::new(entries)
+    }
+
+    fn resolve(&mut self, main: usize, raw: &RawConfig) -> HashMap<Box<str>, Vec<(Option<u16>, ResolveOverride)>> {
+        let mut resolve: HashMap<Box<str>, Vec<(Option<u16>, ResolveOverride)>> = HashMap::new();
+        for (key, value) in &raw.resolve {
+            let Some((host, port)) = self.resolve_key(key) else {
+                self.error(main, value.span(), format!("[resolve] key {key:?} must be host or host:port (a name, not an address)"));
+                continue;
+            };
+            let target = value.get_ref();
+            let over = if let Ok(addr) = target.parse::<SocketAddr>() {
+                ResolveOverride { ip: addr.ip(), port: Some(addr.port()) }
+            } else if let Ok(ip) = target.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+                ResolveOverride { ip, port: None }
+            } else {
+                self.error(main, value.span(), format!("[resolve] value {target:?} must be ip or ip:port"));
+                continue;
+            };
+            if over.port == Some(0) {
+                self.error(main, value.span(), "[resolve] port must be from 1 to 65535");
+                continue;
+            }
+            let rules = resolve.entry(host.into()).or_default();
+            if rules.iter().any(|(p, _)| *p == port) {
+                self.error(main, value.span(), format!("[resolve] {key:?} is given twice"));
+            }
+            rules.push((port, over));
+        }
+        resolve
+    }
+
+    fn resolve_key(&self, key: &str) -> Option<(String, Option<u16>)> {
+        let (host, port) = match key.rsplit_once(':') {
+            Some((host, port)) => (host, Some(policy::target::parse_port(port).ok()?)),
+            None => (key, None),
+        };
+        match parse_host(host).ok()? {
+            Host::Name(name) => Some((name.into_owned(), port)),
+            Host::Ip(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match load_text(Path::new("gw.toml"), text.to_owned()) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn an_empty_file_is_a_valid_config_with_defaults() {
+        let config = load_text(Path::new("gw.toml"), String::new()).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.limits.max_connections, 10_000);
+        assert_eq!(config.policy.app_count(), 0);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_position() {
+        let text = r#"
+[[app]]
+id = "demo"
+server_domains = [
+  "http://api.shop.example",
+  "https://10.0.0.1",
+  { domain = "*x.shop.example", remark = "bad wildcard" },
+]
+
+[[app]]
+id = "demo"
+"#;
+        assert_eq!(
+            errors(text),
+            [
+                r#"gw.toml:5:3: "http://api.shop.example" in server_domains: only https:// and wss:// entries are allowed"#,
+                r#"gw.toml:6:3: "https://10.0.0.1" in server_domains: IP addresses are not allowed; name the host"#,
+                r#"gw.toml:7:3: "*x.shop.example" in server_domains: a wildcard is only allowed as a whole leading label (*.example.com)"#,
+                r#"gw.toml:11:6: duplicate app id "demo" (first defined at gw.toml:3:6)"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors() {
+        assert_eq!(errors("[server]\nlisten = \"127.0.0.1:8080\"\nlisen = 1\n").len(), 1);
+        assert!(errors("[server]\nlisen = 1\n")[0].starts_with("gw.toml:2:1: unknown field `lisen`"));
+        assert!(errors("[limits]\nconnect_timeout = \"soon\"\n")[0].starts_with("gw.toml:2:19: invalid duration"));
+    }
+
+    #[test]
+    fn lists_are_bounded_and_deduplicated() {
+        let many: Vec<String> = (0..31).map(|i| format!("\"a{i}.shop.example\"")).collect();
+        let text = format!("[[app]]\nid = \"demo\"\nserver_domains = [{}]\n", many.join(", "));
+        assert_eq!(errors(&text), ["gw.toml:3:18: server_domains has 31 entries; at most 30 are allowed"]);
+        let text = "[[app]]\nid = \"demo\"\nwebview_domains = [\"a.example\", \"https://A.example:443\"]\n";
+        assert_eq!(errors(text), [r#"gw.toml:3:33: "https://A.example:443" duplicates webview_domains[0]"#]);
+        let remark = "r".repeat(201);
+        let text = format!("[[app]]\nid = \"demo\"\nserver_domains = [{{ domain = \"a.example\", remark = \"{remark}\" }}]\n");
+        assert_eq!(errors(&text), [r#"gw.toml:3:19: the remark of "a.example" is longer than 200 characters"#]);
+    }
+
+    #[test]
+    fn references_must_name_an_app() {
+        let text = "[policy]\nunknown_app = \"ghost\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\napp = \"phantom\"\n";
+        assert_eq!(
+            errors(text),
+            [
+                r#"gw.toml:2:15: unknown_app = "ghost" names no app (use "deny" or an app id)"#,
+                r#"gw.toml:6:7: [[listener]] app "phantom" names no app"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn resolve_overrides_are_parsed() {
+        let text = "[resolve]\n\"API.shop.example\" = \"127.0.0.1:9443\"\n\"img.shop.example:8443\" = \"::1\"\n";
+        let config = load_text(Path::new("gw.toml"), text.to_owned()).unwrap();
+        assert_eq!(config.policy.resolve_override("api.shop.example", 443), Some("127.0.0.1:9443".parse().unwrap()));
+        assert_eq!(config.policy.resolve_override("img.shop.example", 8443), Some("[::1]:8443".parse().unwrap()));
+        assert_eq!(config.policy.resolve_override("img.shop.example", 443), None);
+        assert_eq!(errors("[resolve]\n\"10.0.0.1\" = \"127.0.0.1\"\n").len(), 1);
+        assert_eq!(errors("[resolve]\n\"a.example\" = \"nowhere\"\n").len(), 1);
+    }
+
+    #[test]
+    fn apps_dir_files_are_loaded_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("apps")).unwrap();
+        std::fs::write(dir.path().join("apps/a.toml"), "[[app]]\nid = \"a\"\nserver_domains = [\"a.example\"]\n").unwrap();
+        std::fs::write(dir.path().join("apps/b.toml"), "[[app]]\nid = \"a\"\n").unwrap();
+        std::fs::write(dir.path().join("apps/notes.txt"), "not toml").unwrap();
+        let main = dir.path().join("gateway.toml");
+        std::fs::write(&main, "[policy]\napps_dir = \"apps\"\n").unwrap();
+        let err = load(&main).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.0[0].to_string().contains("b.toml:2:6: duplicate app id \"a\" (first defined at "), "{err}");
+        std::fs::remove_file(dir.path().join("apps/b.toml")).unwrap();
+        let config = load(&main).unwrap();
+        assert_eq!(config.policy.app_count(), 1);
+    }
+}
