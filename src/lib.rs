@@ -1,3 +1,14 @@
 //! miniapp-gateway: a CONNECT proxy that enforces per-miniapp domain whitelists.
-pub mod policy;
+//!
+//! A connection arrives on a listener in [`proxy`], takes a `max_connections` permit and is
+//! served as HTTP/1.1. A CONNECT's target is parsed and normalized ([`policy::target`]), the
+//! asking app and channel are established ([`identity`]), and the pure [`policy`] decides
+//! against one immutable snapshot of the [`config`]. Only then does the proxy resolve and
+//! connect ([`proxy::upstream`]), answer `200`, and splice bytes ([`proxy::tunnel`]). Every
+//! decision, allowed or refused, leaves one line in the [`access_log`].
+
+pub mod access_log;
 pub mod config;
+pub mod identity;
+pub mod policy;
+pub mod proxy;

@@ -1,1 +1,144 @@
-fn main(){}
+//! The `miniapp-gateway` command line: parse flags, set up logging, load the config, and
+//! run, check or explain. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use miniapp_gateway::access_log::{AccessLog, LogFormat};
+use miniapp_gateway::config::{self, DEFAULT_PATH};
+use miniapp_gateway::policy::{Channel, Verdict};
+use miniapp_gateway::proxy::Gateway;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(name = "miniapp-gateway", version, about = "A CONNECT proxy that enforces per-miniapp domain whitelists")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(short, long, env = "MINIAPP_GATEWAY_CONFIG", default_value = DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway and serve until SIGTERM or SIGINT.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Access log format on stdout.
+        #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+        log_format: LogFormat,
+    },
+    /// Validate the config (and its apps_dir) without starting; exit 1 on any error.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Print the decision the gateway would make for URL; exit 0 allow, 1 deny, 2 error.
+    Explain {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The app (AppId) asking.
+        #[arg(long)]
+        app: String,
+        /// The channel: request (server domains) or webview (WebView domains).
+        #[arg(long, default_value = "request", value_parser = parse_channel)]
+        channel: Channel,
+        /// The URL, e.g. https://api.shop.example/v1/items
+        url: String,
+    },
+}
+
+fn parse_channel(raw: &str) -> Result<Channel, String> {
+    Channel::parse(raw).ok_or_else(|| "the channel is request or webview".to_owned())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Run { config, log_format } => match run(config.config, log_format) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("miniapp-gateway: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check { config } => check(&config.config),
+        Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::load(path) {
+        Ok(config) => {
+            println!("ok: {} apps, {} entries", config.policy.app_count(), config.policy.entry_count());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(path: &std::path::Path, app: &str, channel: Channel, url: &str) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let (decision, target) = match config.policy.decide_url(app, channel, url) {
+        Ok(decided) => decided,
+        Err(e) => {
+            eprintln!("miniapp-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shown_app = decision.app.map_or(app, |a| &a.id);
+    match (decision.verdict, decision.rule) {
+        (Verdict::Allow, Some(rule)) => println!("allow {} {rule} \"{}\"", decision.reason, rule.entry),
+        (Verdict::Allow, None) => println!("allow {}: {}", decision.reason, decision.reason.message(shown_app, channel, &target)),
+        (verdict, _) => println!("{} {}: {}", verdict.as_str(), decision.reason, decision.reason.message(shown_app, channel, &target)),
+    }
+    if decision.verdict == Verdict::Deny { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
+    let config = config::load(&path).map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let (log, writer) = AccessLog::start(log_format, Box::new(std::io::stdout()));
+    runtime.block_on(async move {
+        let apps = config.policy.app_count();
+        let gateway = Gateway::bind(config, log).await?;
+        let addrs: Vec<String> = gateway.local_addrs().iter().map(ToString::to_string).collect();
+        tracing::info!(listen = %addrs.join(","), generation = 1, apps, config = %path.display(), "miniapp-gateway started");
+        let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+        };
+        gateway.run(shutdown).await;
+        anyhow::Ok(())
+    })?;
+    drop(runtime);
+    writer.finish();
+    tracing::info!("miniapp-gateway stopped");
+    Ok(())
+}

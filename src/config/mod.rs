@@ -21,6 +21,8 @@ pub const DEFAULT_PATH: &str = "config/gateway.toml";
 /// A loaded, validated configuration: one immutable snapshot of everything reloadable.
 #[derive(Debug)]
 pub struct Config {
+    /// Counts successful loads in a running gateway (1 for the first); 0 until it is served.
+    pub generation: u64,
     /// The file it was loaded from.
     pub path: PathBuf,
     /// `apps_dir`, resolved against the config file's directory, when set.

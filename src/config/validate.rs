@@ -238,6 +238,7 @@ impl Validator {
             resolve,
         };
         Config {
+            generation: 0,
             path: self.sources[main].path.clone(),
             apps_dir,
             server,

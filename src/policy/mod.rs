@@ -423,6 +423,26 @@ impl Policy {
         Decision::refuse_by_action(Reason::NotWhitelisted, app)
     }
 
+    /// Decide a URL the way a CONNECT to its host and port would be decided (what `explain`
+    /// and `/v1/check` answer). Only `https` and `wss` URLs can be allowed; the default port
+    /// is 443. Returns the decision and the normalized `host:port`.
+    pub fn decide_url(&self, app_id: &str, channel: Channel, url: &str) -> Result<(Decision<'_>, String), String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(format!("invalid URL {url:?}: userinfo is not allowed"));
+        }
+        let host = parsed.host_str().ok_or_else(|| format!("invalid URL {url:?}: no host"))?;
+        let port = parsed.port_or_known_default().ok_or_else(|| format!("invalid URL {url:?}: no port"))?;
+        let authority = format!("{host}:{port}");
+        let target = parse_authority(&authority).map_err(|e| format!("invalid URL {url:?}: {e}"))?;
+        let shown = format!("{}:{port}", target.host.to_text());
+        let decision = match parsed.scheme() {
+            "https" | "wss" => self.decide(app_id, channel, &target),
+            _ => Decision::refuse(Reason::HttpsRequired, self.effective_app(app_id), None),
+        };
+        Ok((decision, shown))
+    }
+
     fn find<'p>(&self, list: &'p DomainList, kind: ListKind, host: &str, port: u16) -> Option<Rule<'p>> {
         list.find(host, port).map(|index| Rule { list: kind, index, entry: &list.entries()[usize::from(index)] })
     }

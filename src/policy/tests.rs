@@ -137,6 +137,21 @@ fn resolve_overrides_prefer_a_port_specific_key() {
     assert_eq!(p.resolve_override("img.shop.example", 443), None);
 }
 
+#[test]
+fn urls_are_decided_like_connects() {
+    let p = policy(None);
+    let (d, shown) = p.decide_url("demo", Channel::Request, "https://API.shop.example/path?q=1").unwrap();
+    assert_eq!((d.reason, shown.as_str()), (Reason::Whitelisted, "api.shop.example:443"));
+    let (d, _) = p.decide_url("demo", Channel::Request, "http://api.shop.example/").unwrap();
+    assert_eq!((d.verdict, d.reason), (Verdict::Deny, Reason::HttpsRequired));
+    let (d, shown) = p.decide_url("demo", Channel::Webview, "https://bücher.shop.example:443/").unwrap();
+    assert_eq!((d.reason, shown.as_str()), (Reason::Whitelisted, "xn--bcher-kva.shop.example:443"));
+    let (d, _) = p.decide_url("demo", Channel::Request, "https://127.1/").unwrap();
+    assert_eq!(d.reason, Reason::IpLiteral);
+    assert!(p.decide_url("demo", Channel::Request, "https://u:p@api.shop.example/").is_err());
+    assert!(p.decide_url("demo", Channel::Request, "not a url").is_err());
+}
+
 fn label() -> impl Strategy<Value = String> {
     "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
 }

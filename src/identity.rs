@@ -1,0 +1,132 @@
+//! Who is asking: the app and channel of a CONNECT.
+//!
+//! The first source that applies wins: a listener bound to an app (`[[listener]]` with
+//! `app`), then `Proxy-Authorization: Basic base64(APPID:TOKEN)`. Verified client
+//! certificates slot in between the two as another [`Binding`] source. The channel is fixed
+//! by a binding, or taken from `X-Miniapp-Channel`, or `request`.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use hyper::HeaderMap;
+use hyper::header::PROXY_AUTHORIZATION;
+use subtle::ConstantTimeEq;
+
+use crate::config::Binding;
+use crate::policy::{Channel, Policy};
+
+/// The header a client names its channel with.
+pub const CHANNEL_HEADER: &str = "x-miniapp-channel";
+
+/// An identified client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub app: Box<str>,
+    pub channel: Channel,
+}
+
+/// Why no identity could be established.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no Proxy-Authorization")]
+    Missing,
+    /// A malformed header, or a wrong token for an app that has one. Carries the app id when
+    /// one could be read, for the log.
+    #[error("bad credentials")]
+    BadCredentials { app: Option<Box<str>> },
+    #[error("X-Miniapp-Channel must be request or webview")]
+    BadChannel,
+}
+
+/// Establish the identity of a request on a listener with an optional fixed `binding`.
+pub fn identify(binding: Option<&Binding>, headers: &HeaderMap, policy: &Policy) -> Result<Identity, IdentityError> {
+    if let Some(binding) = binding {
+        return Ok(Identity { app: binding.app.clone(), channel: binding.channel });
+    }
+    let channel = match headers.get(CHANNEL_HEADER) {
+        None => Channel::Request,
+        Some(value) => value.to_str().ok().and_then(Channel::parse).ok_or(IdentityError::BadChannel)?,
+    };
+    let header = headers.get(PROXY_AUTHORIZATION).ok_or(IdentityError::Missing)?;
+    let (app, token) = parse_basic(header.as_bytes()).ok_or(IdentityError::BadCredentials { app: None })?;
+    if app.is_empty() {
+        return Err(IdentityError::BadCredentials { app: None });
+    }
+    if let Some(expected) = policy.app(&app).and_then(|a| a.token.as_deref())
+        && !bool::from(expected.as_bytes().ct_eq(token.as_bytes()))
+    {
+        return Err(IdentityError::BadCredentials { app: Some(app.into()) });
+    }
+    Ok(Identity { app: app.into(), channel })
+}
+
+/// `Basic base64(user:password)`, scheme case-insensitive, as (user, password).
+fn parse_basic(header: &[u8]) -> Option<(String, String)> {
+    let text = std::str::from_utf8(header).ok()?.trim();
+    let (scheme, encoded) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use std::path::Path;
+
+    fn policy() -> Policy {
+        let text = "[[app]]\nid = \"demo\"\ntoken = \"s3cret\"\n\n[[app]]\nid = \"free\"\n";
+        config::load_str(Path::new("t.toml"), text.to_owned()).unwrap().policy
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    fn basic(user_pass: &str) -> String {
+        format!("Basic {}", STANDARD.encode(user_pass))
+    }
+
+    #[test]
+    fn basic_auth_names_the_app_and_checks_its_token() {
+        let p = policy();
+        let ok = identify(None, &headers(&[("proxy-authorization", &basic("demo:s3cret"))]), &p).unwrap();
+        assert_eq!(ok, Identity { app: "demo".into(), channel: Channel::Request });
+        let wrong = identify(None, &headers(&[("proxy-authorization", &basic("demo:guess"))]), &p);
+        assert_eq!(wrong, Err(IdentityError::BadCredentials { app: Some("demo".into()) }));
+        let any = identify(None, &headers(&[("proxy-authorization", &basic("free:whatever"))]), &p);
+        assert_eq!(any.unwrap().app.as_ref(), "free");
+        let lower = identify(None, &headers(&[("proxy-authorization", &basic("free:x").replace("Basic", "basic"))]), &p);
+        assert!(lower.is_ok());
+    }
+
+    #[test]
+    fn missing_or_malformed_credentials() {
+        let p = policy();
+        assert_eq!(identify(None, &HeaderMap::new(), &p), Err(IdentityError::Missing));
+        for bad in ["Bearer abc", "Basic !!!", "Basic", &basic("no-colon"), &basic(":empty-user")] {
+            let got = identify(None, &headers(&[("proxy-authorization", bad)]), &p);
+            assert_eq!(got, Err(IdentityError::BadCredentials { app: None }), "{bad}");
+        }
+    }
+
+    #[test]
+    fn channel_header_and_listener_binding() {
+        let p = policy();
+        let h = headers(&[("proxy-authorization", &basic("free:x")), ("x-miniapp-channel", "WebView")]);
+        assert_eq!(identify(None, &h, &p).unwrap().channel, Channel::Webview);
+        let h = headers(&[("proxy-authorization", &basic("free:x")), ("x-miniapp-channel", "sockets")]);
+        assert_eq!(identify(None, &h, &p), Err(IdentityError::BadChannel));
+        let binding = Binding { app: "demo".into(), channel: Channel::Webview };
+        let h = headers(&[("x-miniapp-channel", "request")]);
+        assert_eq!(identify(Some(&binding), &h, &p).unwrap(), Identity { app: "demo".into(), channel: Channel::Webview });
+    }
+}
