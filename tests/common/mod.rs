@@ -1,0 +1,318 @@
+//! Test harness: a real TLS origin on port 0, the real gateway on port 0, and a client that
+//! speaks CONNECT and then TLS through the tunnel, as curl would.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use miniapp_gateway::access_log::{AccessLog, LogFormat};
+use miniapp_gateway::config;
+use miniapp_gateway::proxy::Gateway;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS origin that answers `GET /bytes/N` with N pattern bytes and `POST /sum` with the
+/// length and checksum of the body it received.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub ca: CertificateDer<'static>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    /// TLS handshakes completed.
+    pub handshakes: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The byte at position `i` of every generated body.
+pub fn pattern(i: usize) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 8)) as u8
+}
+
+/// FNV-1a, to compare large bodies without keeping both.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+impl Origin {
+    pub async fn start(names: &[&str]) -> Origin {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let certified = rcgen::generate_simple_self_signed(names).unwrap();
+        let cert = certified.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let (c, h) = (connections.clone(), handshakes.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                c.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let h = h.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let _ = serve_origin(tls).await;
+                    }
+                });
+            }
+        });
+        Origin { addr, ca: cert, connections, handshakes, task }
+    }
+}
+
+async fn serve_origin<S: AsyncRead + AsyncWrite + Unpin>(mut tls: S) -> std::io::Result<()> {
+    loop {
+        let Some((head, mut rest)) = read_head(&mut tls).await? else { return Ok(()) };
+        let request_line = head.lines().next().unwrap_or_default().to_owned();
+        let headers = parse_headers(&head);
+        let path = request_line.split(' ').nth(1).unwrap_or("/").to_owned();
+        let body: Vec<u8> = if let Some(n) = path.strip_prefix("/bytes/") {
+            let n: usize = n.parse().unwrap_or(0);
+            (0..n).map(pattern).collect()
+        } else if path == "/sum" {
+            let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            while rest.len() < len {
+                let mut buf = vec![0u8; 64 * 1024];
+                let n = tls.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                rest.extend_from_slice(&buf[..n]);
+            }
+            format!("{} {}", rest.len(), checksum(&rest)).into_bytes()
+        } else {
+            b"hello from origin".to_vec()
+        };
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+        tls.write_all(head.as_bytes()).await?;
+        tls.write_all(&body).await?;
+        tls.flush().await?;
+    }
+}
+
+/// Read an HTTP head; returns it and whatever was read past it.
+pub async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            return Ok(Some((head, buf[end + 4..].to_vec())));
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return if buf.is_empty() { Ok(None) } else { Err(std::io::ErrorKind::UnexpectedEof.into()) };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn parse_headers(head: &str) -> HashMap<String, String> {
+    head.lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect()
+}
+
+/// A shared buffer the access log writes into.
+#[derive(Clone, Default)]
+pub struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Wait for a line satisfying `pred` (the log is written by a background thread).
+    pub async fn wait_for(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
+                return line;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no such access log line in {:#?}", self.lines());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A running gateway on port 0.
+pub struct TestGateway {
+    /// `server.listen` first, then each `[[listener]]`.
+    pub addrs: Vec<SocketAddr>,
+    pub log: LogBuffer,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Start a gateway on `toml` (its `listen` addresses should use port 0).
+    pub async fn start(toml: &str) -> TestGateway {
+        let config = config::load_str(Path::new("test.toml"), toml.to_owned()).unwrap_or_else(|e| panic!("{e}"));
+        let log = LogBuffer::default();
+        let (access_log, _writer) = AccessLog::start(LogFormat::Json, Box::new(log.clone()));
+        let gateway = Gateway::bind(config, access_log).await.unwrap();
+        let addrs = gateway.local_addrs();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.run(async move {
+            let _ = stopped.await;
+        }));
+        TestGateway { addrs, log, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Begin shutdown; returns the task that completes when the gateway has drained.
+    pub fn shutdown(&mut self) -> JoinHandle<()> {
+        let _ = self.stop.take().map(|s| s.send(()));
+        self.task.take().expect("shut down once")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// What a CONNECT got back.
+pub struct Answer {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    /// The connection, positioned after the response (the tunnel when status is 200).
+    pub stream: TcpStream,
+}
+
+impl Answer {
+    pub fn reason(&self) -> &str {
+        self.headers.get("x-gateway-reason").map_or("", String::as_str)
+    }
+
+    pub fn decision(&self) -> &str {
+        self.headers.get("x-gateway-decision").map_or("", String::as_str)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub fn basic(app: &str, token: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{app}:{token}")))
+}
+
+/// Send raw request text on a new connection and read one response.
+pub async fn send_raw(proxy: SocketAddr, request: &str) -> Answer {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_answer(stream).await
+}
+
+pub async fn read_answer(mut stream: TcpStream) -> Answer {
+    let (head, mut body) = tokio::time::timeout(WAIT, read_head(&mut stream)).await.unwrap().unwrap().expect("a response");
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = parse_headers(&head);
+    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    while body.len() < len {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Answer { status, headers, body, stream }
+}
+
+/// `CONNECT target` with the given extra header lines.
+pub async fn connect(proxy: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    send_raw(proxy, &request).await
+}
+
+/// `CONNECT target` as app `app` with token `token`.
+pub async fn connect_as(proxy: SocketAddr, app: &str, token: &str, target: &str) -> Answer {
+    let auth = basic(app, token);
+    connect(proxy, target, &[("Proxy-Authorization", &auth)]).await
+}
+
+/// Speak TLS for `server_name` over an established tunnel.
+pub async fn tls_over(stream: TcpStream, ca: &CertificateDer<'static>, server_name: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
+    tokio::time::timeout(WAIT, connector.connect(name, stream)).await.unwrap().unwrap()
+}
+
+/// One HTTP/1.1 request over a TLS stream; returns the response body.
+pub async fn https_request<S: AsyncRead + AsyncWrite + Unpin>(tls: &mut S, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let head = format!("{method} {path} HTTP/1.1\r\nhost: origin\r\ncontent-length: {}\r\n\r\n", body.len());
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(body).await.unwrap();
+    tls.flush().await.unwrap();
+    let (head, mut rest) = tokio::time::timeout(WAIT, read_head(tls)).await.unwrap().unwrap().unwrap();
+    let len: usize = parse_headers(&head)["content-length"].parse().unwrap();
+    let mut chunk = vec![0u8; 64 * 1024];
+    while rest.len() < len {
+        let n = tokio::time::timeout(WAIT, tls.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "tunnel closed after {} of {len} bytes", rest.len());
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    rest
+}
