@@ -104,7 +104,8 @@ mod tests {
         assert_eq!(wrong, Err(IdentityError::BadCredentials { app: Some("demo".into()) }));
         let any = identify(None, &headers(&[("proxy-authorization", &basic("free:whatever"))]), &p);
         assert_eq!(any.unwrap().app.as_ref(), "free");
-        let lower = identify(None, &headers(&[("proxy-authorization", &basic("free:x").replace("Basic", "basic"))]), &p);
+        let lower =
+            identify(None, &headers(&[("proxy-authorization", &basic("free:x").replace("Basic", "basic"))]), &p);
         assert!(lower.is_ok());
     }
 
@@ -127,6 +128,9 @@ mod tests {
         assert_eq!(identify(None, &h, &p), Err(IdentityError::BadChannel));
         let binding = Binding { app: "demo".into(), channel: Channel::Webview };
         let h = headers(&[("x-miniapp-channel", "request")]);
-        assert_eq!(identify(Some(&binding), &h, &p).unwrap(), Identity { app: "demo".into(), channel: Channel::Webview });
+        assert_eq!(
+            identify(Some(&binding), &h, &p).unwrap(),
+            Identity { app: "demo".into(), channel: Channel::Webview }
+        );
     }
 }

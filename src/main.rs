@@ -1,6 +1,7 @@
 //! The `miniapp-gateway` command line: parse flags, set up logging, load the config, and
 //! run, check or explain. Everything else lives in the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -64,8 +65,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     match cli.command {
@@ -112,8 +115,15 @@ fn explain(path: &std::path::Path, app: &str, channel: Channel, url: &str) -> Ex
     let shown_app = decision.app.map_or(app, |a| &a.id);
     match (decision.verdict, decision.rule) {
         (Verdict::Allow, Some(rule)) => println!("allow {} {rule} \"{}\"", decision.reason, rule.entry),
-        (Verdict::Allow, None) => println!("allow {}: {}", decision.reason, decision.reason.message(shown_app, channel, &target)),
-        (verdict, _) => println!("{} {}: {}", verdict.as_str(), decision.reason, decision.reason.message(shown_app, channel, &target)),
+        (Verdict::Allow, None) => {
+            println!("allow {}: {}", decision.reason, decision.reason.message(shown_app, channel, &target))
+        }
+        (verdict, _) => println!(
+            "{} {}: {}",
+            verdict.as_str(),
+            decision.reason,
+            decision.reason.message(shown_app, channel, &target)
+        ),
     }
     if decision.verdict == Verdict::Deny { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }

@@ -154,7 +154,9 @@ async fn matching_exact_wildcard_dot_port_case_dot_and_punycode() {
         let answer = demo(&gw, target).await;
         assert_eq!((answer.status, answer.reason()), (200, "whitelisted"), "{target}");
         drop(answer); // the tunnel's line is written when it closes
-        gw.log.wait_for(|l| l["rule"] == rule && l["port"] == target.rsplit(':').next().unwrap().parse::<u16>().unwrap()).await;
+        gw.log
+            .wait_for(|l| l["rule"] == rule && l["port"] == target.rsplit(':').next().unwrap().parse::<u16>().unwrap())
+            .await;
     }
     let refused = [
         "api.shop.example:8443",
@@ -283,10 +285,9 @@ async fn blackhole() -> (std::net::SocketAddr, Vec<TcpStream>, tokio::net::TcpLi
 async fn an_upstream_that_does_not_accept_in_time_is_a_timeout() {
     let (addr, _fillers, _listener) = blackhole().await;
     let origin = Origin::start(ORIGIN_NAMES).await;
-    let config = gateway_config(origin.addr, "").replace("[resolve]\n", &format!("[resolve]\n\"slow.shop.example\" = \"{addr}\"\n")).replace(
-        "\"down.shop.example\",",
-        "\"down.shop.example\", \"slow.shop.example\",",
-    );
+    let config = gateway_config(origin.addr, "")
+        .replace("[resolve]\n", &format!("[resolve]\n\"slow.shop.example\" = \"{addr}\"\n"))
+        .replace("\"down.shop.example\",", "\"down.shop.example\", \"slow.shop.example\",");
     let gw = TestGateway::start(&config).await;
     let answer = demo(&gw, "slow.shop.example:443").await;
     assert_eq!((answer.status, answer.reason()), (504, "upstream_timeout"));
@@ -315,7 +316,12 @@ async fn channels_are_separate_and_listeners_fix_the_identity() {
     let answer = connect(gw.addr(), "help.example:443", &headers).await;
     assert_eq!((answer.status, answer.reason()), (403, "not_whitelisted"));
     assert_eq!(answer.json()["channel"], "webview");
-    let answer = connect(gw.addr(), "m.shop.example:443", &[("Proxy-Authorization", &basic("demo", "s3cret")), ("X-Miniapp-Channel", "sockets")]).await;
+    let answer = connect(
+        gw.addr(),
+        "m.shop.example:443",
+        &[("Proxy-Authorization", &basic("demo", "s3cret")), ("X-Miniapp-Channel", "sockets")],
+    )
+    .await;
     assert_eq!((answer.status, answer.reason()), (400, "malformed_request"));
 
     // the bound listener is app demo on webview, with no credentials at all
@@ -339,7 +345,10 @@ async fn report_lets_through_and_records_the_refusal_and_open_lets_through() {
     assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
     drop(tls);
     let line = gw.log.wait_for(|l| l["app"] == "watch").await;
-    assert_eq!((line["decision"].as_str(), line["reason"].as_str(), line["status"].as_u64()), (Some("report"), Some("not_whitelisted"), Some(200)));
+    assert_eq!(
+        (line["decision"].as_str(), line["reason"].as_str(), line["status"].as_u64()),
+        (Some("report"), Some("not_whitelisted"), Some(200))
+    );
 
     let answer = connect_as(gw.addr(), "watch", "x", "api.shop.example:443").await;
     assert_eq!((answer.status, answer.decision(), answer.reason()), (200, "allow", "whitelisted"));

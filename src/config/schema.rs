@@ -150,8 +150,8 @@ pub struct HumanDuration(pub Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map(HumanDuration)
-            .map_err(|e| de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. \"250ms\", \"5s\", \"5m\"")))
+        humantime::parse_duration(&text).map(HumanDuration).map_err(|e| {
+            de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. \"250ms\", \"5s\", \"5m\""))
+        })
     }
 }

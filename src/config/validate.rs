@@ -12,8 +12,7 @@ use toml::Spanned;
 use super::schema::{HumanDuration, RawApp, RawAppsFile, RawConfig, RawEntry, SpannedList};
 use super::{Binding, Config, ConfigError, ConfigErrors, Limits, ListenerSpec, Server};
 use crate::policy::{
-    self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride,
-    parse_entry, parse_host,
+    self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
 };
 
 /// How long a remark may be, in characters (the mini-program consoles' limit).
@@ -156,7 +155,13 @@ impl Validator {
         }
     }
 
-    fn config(&mut self, main: usize, raw: RawConfig, extra_apps: Vec<(usize, RawApp)>, apps_dir: Option<PathBuf>) -> Config {
+    fn config(
+        &mut self,
+        main: usize,
+        raw: RawConfig,
+        extra_apps: Vec<(usize, RawApp)>,
+        apps_dir: Option<PathBuf>,
+    ) -> Config {
         let server = self.server(main, &raw);
         let limits = self.limits(main, &raw);
         let p = &raw.policy;
@@ -166,7 +171,11 @@ impl Validator {
 
         let require_https = p.require_https.as_ref().is_none_or(|flag| {
             if !flag.get_ref() {
-                self.error(main, flag.span(), "require_https = false is not supported: plain-HTTP forwarding is not implemented");
+                self.error(
+                    main,
+                    flag.span(),
+                    "require_https = false is not supported: plain-HTTP forwarding is not implemented",
+                );
             }
             true
         });
@@ -201,7 +210,11 @@ impl Validator {
             Some(name) if name.get_ref() == "deny" => None,
             Some(name) => {
                 if !seen.contains_key(name.get_ref().as_str()) {
-                    self.error(main, name.span(), format!("unknown_app = {:?} names no app (use \"deny\" or an app id)", name.get_ref()));
+                    self.error(
+                        main,
+                        name.span(),
+                        format!("unknown_app = {:?} names no app (use \"deny\" or an app id)", name.get_ref()),
+                    );
                 }
                 Some(name.get_ref().as_str().into())
             }
@@ -258,7 +271,11 @@ impl Validator {
         let admin_listen = raw.server.admin_listen.as_ref().map(|a| self.socket_addr(main, a, "admin_listen"));
         let admin_token = raw.server.admin_token.as_ref().map(|token| {
             if token.get_ref().is_empty() {
-                self.error(main, token.span(), "admin_token must not be empty (remove it to disable admin authentication)");
+                self.error(
+                    main,
+                    token.span(),
+                    "admin_token must not be empty (remove it to disable admin authentication)",
+                );
             }
             token.get_ref().clone()
         });
@@ -267,7 +284,11 @@ impl Validator {
 
     fn socket_addr(&mut self, source: usize, raw: &Spanned<String>, key: &str) -> SocketAddr {
         raw.get_ref().parse().unwrap_or_else(|_| {
-            self.error(source, raw.span(), format!("{key} must be IP:PORT (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"), not {:?}", raw.get_ref()));
+            self.error(
+                source,
+                raw.span(),
+                format!("{key} must be IP:PORT (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\"), not {:?}", raw.get_ref()),
+            );
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
     }
@@ -285,14 +306,25 @@ impl Validator {
         };
         Limits {
             max_connections,
-            connect_timeout: self.duration(main, l.connect_timeout.as_ref(), "connect_timeout", defaults.connect_timeout),
+            connect_timeout: self.duration(
+                main,
+                l.connect_timeout.as_ref(),
+                "connect_timeout",
+                defaults.connect_timeout,
+            ),
             header_timeout: self.duration(main, l.header_timeout.as_ref(), "header_timeout", defaults.header_timeout),
             idle_timeout: self.duration(main, l.idle_timeout.as_ref(), "idle_timeout", defaults.idle_timeout),
             shutdown_grace: self.duration(main, l.shutdown_grace.as_ref(), "shutdown_grace", defaults.shutdown_grace),
         }
     }
 
-    fn duration(&mut self, main: usize, raw: Option<&Spanned<HumanDuration>>, key: &str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        main: usize,
+        raw: Option<&Spanned<HumanDuration>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         match raw {
             None => default,
             Some(d) if d.get_ref().0.is_zero() && key != "shutdown_grace" => {
@@ -306,7 +338,9 @@ impl Validator {
     fn list_limit(&mut self, main: usize, raw: Option<&Spanned<i64>>) -> usize {
         match raw {
             None => DEFAULT_MAX_DOMAINS,
-            Some(n) if (1..=MAX_LIST_LIMIT).contains(n.get_ref()) => usize::try_from(*n.get_ref()).unwrap_or(DEFAULT_MAX_DOMAINS),
+            Some(n) if (1..=MAX_LIST_LIMIT).contains(n.get_ref()) => {
+                usize::try_from(*n.get_ref()).unwrap_or(DEFAULT_MAX_DOMAINS)
+            }
             Some(n) => {
                 self.error(main, n.span(), format!("list limits must be from 1 to {MAX_LIST_LIMIT}"));
                 DEFAULT_MAX_DOMAINS
@@ -314,7 +348,14 @@ impl Validator {
         }
     }
 
-    fn app(&mut self, source: usize, raw: &RawApp, default_action: Action, max_server: usize, max_webview: usize) -> Option<App> {
+    fn app(
+        &mut self,
+        source: usize,
+        raw: &RawApp,
+        default_action: Action,
+        max_server: usize,
+        max_webview: usize,
+    ) -> Option<App> {
         let id = raw.id.get_ref();
         let valid_id = (1..=64).contains(&id.len())
             && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
@@ -354,7 +395,11 @@ impl Validator {
             return DomainList::default();
         };
         if raw.get_ref().len() > max {
-            self.error(source, raw.span(), format!("{key} has {} entries; at most {max} are allowed", raw.get_ref().len()));
+            self.error(
+                source,
+                raw.span(),
+                format!("{key} has {} entries; at most {max} are allowed", raw.get_ref().len()),
+            );
         }
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.get_ref().len());
         for item in raw.get_ref().iter().take(max) {
@@ -362,11 +407,17 @@ impl Validator {
             if let Some(remark) = remark
                 && remark.chars().count() > MAX_REMARK_CHARS
             {
-                self.error(source, item.span(), format!("the remark of {domain:?} is longer than {MAX_REMARK_CHARS} characters"));
+                self.error(
+                    source,
+                    item.span(),
+                    format!("the remark of {domain:?} is longer than {MAX_REMARK_CHARS} characters"),
+                );
             }
             match parse_entry(domain) {
                 Ok(entry) => {
-                    if let Some(first) = entries.iter().position(|e| e.pattern == entry.pattern && e.ports == entry.ports) {
+                    if let Some(first) =
+                        entries.iter().position(|e| e.pattern == entry.pattern && e.ports == entry.ports)
+                    {
                         self.error(source, item.span(), format!("{domain:?} duplicates {key}[{first}]"));
                     } else {
                         entries.push(entry);
@@ -382,7 +433,11 @@ impl Validator {
         let mut resolve: HashMap<Box<str>, Vec<(Option<u16>, ResolveOverride)>> = HashMap::new();
         for (key, value) in &raw.resolve {
             let Some((host, port)) = self.resolve_key(key) else {
-                self.error(main, value.span(), format!("[resolve] key {key:?} must be host or host:port (a name, not an address)"));
+                self.error(
+                    main,
+                    value.span(),
+                    format!("[resolve] key {key:?} must be host or host:port (a name, not an address)"),
+                );
                 continue;
             };
             let target = value.get_ref();
@@ -478,7 +533,8 @@ id = "demo"
         let text = "[[app]]\nid = \"demo\"\nwebview_domains = [\"a.example\", \"https://A.example:443\"]\n";
         assert_eq!(errors(text), [r#"gw.toml:3:33: "https://A.example:443" duplicates webview_domains[0]"#]);
         let remark = "r".repeat(201);
-        let text = format!("[[app]]\nid = \"demo\"\nserver_domains = [{{ domain = \"a.example\", remark = \"{remark}\" }}]\n");
+        let text =
+            format!("[[app]]\nid = \"demo\"\nserver_domains = [{{ domain = \"a.example\", remark = \"{remark}\" }}]\n");
         assert_eq!(errors(&text), [r#"gw.toml:3:19: the remark of "a.example" is longer than 200 characters"#]);
     }
 
@@ -509,7 +565,8 @@ id = "demo"
     fn apps_dir_files_are_loaded_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("apps")).unwrap();
-        std::fs::write(dir.path().join("apps/a.toml"), "[[app]]\nid = \"a\"\nserver_domains = [\"a.example\"]\n").unwrap();
+        std::fs::write(dir.path().join("apps/a.toml"), "[[app]]\nid = \"a\"\nserver_domains = [\"a.example\"]\n")
+            .unwrap();
         std::fs::write(dir.path().join("apps/b.toml"), "[[app]]\nid = \"a\"\n").unwrap();
         std::fs::write(dir.path().join("apps/notes.txt"), "not toml").unwrap();
         let main = dir.path().join("gateway.toml");

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use super::host::{HostError, Host, normalize_host, parse_host};
+use super::host::{Host, HostError, normalize_host, parse_host};
 use super::target::{TargetError, parse_port};
 
 /// What hosts an entry covers.

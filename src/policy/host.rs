@@ -66,15 +66,10 @@ impl Host<'_> {
 pub fn parse_host(raw: &str) -> Result<Host<'_>, HostError> {
     if let Some(inner) = raw.strip_prefix('[') {
         let inner = inner.strip_suffix(']').ok_or(HostError::Invalid)?;
-        return inner
-            .parse::<Ipv6Addr>()
-            .map(|ip| Host::Ip(IpAddr::V6(ip)))
-            .map_err(|_| HostError::Invalid);
+        return inner.parse::<Ipv6Addr>().map(|ip| Host::Ip(IpAddr::V6(ip))).map_err(|_| HostError::Invalid);
     }
     if looks_like_ipv4(raw) {
-        return parse_ipv4_like(raw)
-            .map(|ip| Host::Ip(IpAddr::V4(ip)))
-            .ok_or(HostError::Invalid);
+        return parse_ipv4_like(raw).map(|ip| Host::Ip(IpAddr::V4(ip))).ok_or(HostError::Invalid);
     }
     normalize_host(raw).map(Host::Name)
 }
@@ -101,8 +96,7 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, HostError> {
 /// True when the name needs no IDNA processing: lowercase letters, digits, `-`, `_`, `.`,
 /// and no label that claims to be punycode (those are validated by the IDNA crate).
 fn is_plain_lowercase_ascii(name: &str) -> bool {
-    name.bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+    name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
         && !name.starts_with("xn--")
         && !name.contains(".xn--")
 }
@@ -137,10 +131,7 @@ fn looks_like_ipv4(raw: &str) -> bool {
         return true;
     }
     let lower = last.as_bytes();
-    lower.len() >= 2
-        && lower[0] == b'0'
-        && (lower[1] | 0x20) == b'x'
-        && lower[2..].iter().all(u8::is_ascii_hexdigit)
+    lower.len() >= 2 && lower[0] == b'0' && (lower[1] | 0x20) == b'x' && lower[2..].iter().all(u8::is_ascii_hexdigit)
 }
 
 /// Parse the IPv4 forms `inet_aton` accepts (1 to 4 parts, decimal, octal or hex), so that

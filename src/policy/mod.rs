@@ -217,9 +217,7 @@ impl Reason {
             Reason::GlobalAllow => format!("{target} is on the global allow list"),
             Reason::Open => format!("app {app} has permission control switched off (action = \"open\")"),
             Reason::MalformedRequest => format!("malformed request: {target}"),
-            Reason::AuthRequired => {
-                "no app identity: send Proxy-Authorization: Basic base64(APPID:TOKEN)".to_owned()
-            }
+            Reason::AuthRequired => "no app identity: send Proxy-Authorization: Basic base64(APPID:TOKEN)".to_owned(),
             Reason::BadCredentials => format!("wrong or malformed credentials for app {app}"),
             Reason::UnknownApp => format!("app {app} is not configured"),
             Reason::IpLiteral => format!("{target} is an IP address; whitelists name hosts"),
@@ -327,7 +325,9 @@ impl<'p> Decision<'p> {
         let verdict = match app.action {
             Action::Enforce => Verdict::Deny,
             Action::Report => Verdict::Report,
-            Action::Open => return Decision { verdict: Verdict::Allow, reason: Reason::Open, app: Some(app), rule: None },
+            Action::Open => {
+                return Decision { verdict: Verdict::Allow, reason: Reason::Open, app: Some(app), rule: None };
+            }
         };
         Decision { verdict, reason, app: Some(app), rule: None }
     }
@@ -392,9 +392,7 @@ impl Policy {
 
     /// The app whose rules govern `app_id`: itself, or the `unknown_app` fallback.
     pub fn effective_app(&self, app_id: &str) -> Option<&App> {
-        self.apps
-            .get(app_id)
-            .or_else(|| self.rules.unknown_app.as_deref().and_then(|id| self.apps.get(id)))
+        self.apps.get(app_id).or_else(|| self.rules.unknown_app.as_deref().and_then(|id| self.apps.get(id)))
     }
 
     /// Decide a CONNECT by an identified app, before any network I/O.

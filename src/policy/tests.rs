@@ -94,7 +94,10 @@ fn global_allow_applies_after_the_apps_lists() {
 #[test]
 fn actions_relax_only_the_apps_own_lists() {
     let p = policy(None);
-    assert_eq!(decide(&p, "watch", Channel::Request, "evil.example:443"), (Verdict::Report, Reason::NotWhitelisted, None));
+    assert_eq!(
+        decide(&p, "watch", Channel::Request, "evil.example:443"),
+        (Verdict::Report, Reason::NotWhitelisted, None)
+    );
     assert_eq!(decide(&p, "watch", Channel::Request, "10.0.0.1:443"), (Verdict::Report, Reason::IpLiteral, None));
     assert_eq!(decide(&p, "watch", Channel::Request, "api.shop.example:443").1, Reason::Whitelisted);
     assert_eq!(decide(&p, "free", Channel::Request, "evil.example:443"), (Verdict::Allow, Reason::Open, None));
@@ -127,10 +130,7 @@ fn resolve_overrides_prefer_a_port_specific_key() {
     let ip = "127.0.0.1".parse().unwrap();
     p.rules.resolve.insert(
         "api.shop.example".into(),
-        vec![
-            (None, ResolveOverride { ip, port: Some(9443) }),
-            (Some(8443), ResolveOverride { ip, port: None }),
-        ],
+        vec![(None, ResolveOverride { ip, port: Some(9443) }), (Some(8443), ResolveOverride { ip, port: None })],
     );
     assert_eq!(p.resolve_override("api.shop.example", 443), Some("127.0.0.1:9443".parse().unwrap()));
     assert_eq!(p.resolve_override("api.shop.example", 8443), Some("127.0.0.1:8443".parse().unwrap()));

@@ -74,7 +74,11 @@ impl Attempt {
 
     /// Log and answer a refusal whose message is the reason's standard sentence.
     fn refuse(&self, ctx: &ConnContext, reason: Reason, rule: Option<String>) -> Response<Body> {
-        let message = reason.message(self.app.as_deref().unwrap_or("-"), self.channel.unwrap_or(Channel::Request), &self.target_text());
+        let message = reason.message(
+            self.app.as_deref().unwrap_or("-"),
+            self.channel.unwrap_or(Channel::Request),
+            &self.target_text(),
+        );
         self.refuse_with(ctx, reason, rule, &message)
     }
 
@@ -108,7 +112,12 @@ pub(crate) async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Res
     Ok(connect(req, &ctx, &config, &mut attempt).await)
 }
 
-async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, config: &Arc<Config>, attempt: &mut Attempt) -> Response<Body> {
+async fn connect(
+    mut req: Request<Incoming>,
+    ctx: &ConnContext,
+    config: &Arc<Config>,
+    attempt: &mut Attempt,
+) -> Response<Body> {
     let policy = &config.policy;
     let raw_target = match (req.uri().scheme(), req.uri().path_and_query(), req.uri().authority()) {
         (None, None, Some(authority)) => authority.as_str().to_owned(),
@@ -147,13 +156,14 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, config: &Arc<Con
         return attempt.refuse(ctx, decision.reason, rule);
     }
 
-    let (upstream, upstream_addr) = match dial(policy, &ctx.shared.resolver, &target, config.limits.connect_timeout).await {
-        Ok(connected) => connected,
-        Err(e) => {
-            tracing::debug!(client = %ctx.client, target = %attempt.target_text(), error = %e, "upstream refused");
-            return attempt.refuse(ctx, e.reason(), rule);
-        }
-    };
+    let (upstream, upstream_addr) =
+        match dial(policy, &ctx.shared.resolver, &target, config.limits.connect_timeout).await {
+            Ok(connected) => connected,
+            Err(e) => {
+                tracing::debug!(client = %ctx.client, target = %attempt.target_text(), error = %e, "upstream refused");
+                return attempt.refuse(ctx, e.reason(), rule);
+            }
+        };
 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tunnel = Tunnel {

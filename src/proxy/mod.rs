@@ -141,7 +141,12 @@ async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shar
         };
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                let ctx = ConnContext { shared: shared.clone(), binding: spec.binding.clone(), client, permit: Arc::new(permit) };
+                let ctx = ConnContext {
+                    shared: shared.clone(),
+                    binding: spec.binding.clone(),
+                    client,
+                    permit: Arc::new(permit),
+                };
                 shared.tracker.spawn(serve_connection(stream, Arc::new(ctx)));
             }
             Err(_) => turn_away(stream, client, &shared),
@@ -157,10 +162,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
     let service_ctx = ctx.clone();
     let service = service_fn(move |req| connect::handle(req, service_ctx.clone()));
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES);
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(MAX_HEAD_BYTES);
     let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {

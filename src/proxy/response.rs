@@ -27,7 +27,14 @@ pub struct RefusalBody<'a> {
 }
 
 /// Build the response for a refusal.
-pub fn refusal(reason: Reason, app: Option<&str>, channel: Option<Channel>, host: Option<&str>, port: Option<u16>, message: &str) -> Response<Body> {
+pub fn refusal(
+    reason: Reason,
+    app: Option<&str>,
+    channel: Option<Channel>,
+    host: Option<&str>,
+    port: Option<u16>,
+    message: &str,
+) -> Response<Body> {
     let body = RefusalBody {
         decision: Verdict::Deny.as_str(),
         reason: reason.as_str(),

@@ -125,7 +125,10 @@ fn check_addresses(policy: &Policy, ips: &[IpAddr]) -> Result<(), DialError> {
 }
 
 /// Try each address in order until one connects or the deadline passes.
-async fn connect_any(addrs: &[SocketAddr], deadline: tokio::time::Instant) -> Result<(TcpStream, SocketAddr), DialError> {
+async fn connect_any(
+    addrs: &[SocketAddr],
+    deadline: tokio::time::Instant,
+) -> Result<(TcpStream, SocketAddr), DialError> {
     let mut last_error = None;
     for addr in addrs {
         match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {

@@ -257,7 +257,8 @@ pub async fn send_raw(proxy: SocketAddr, request: &str) -> Answer {
 }
 
 pub async fn read_answer(mut stream: TcpStream) -> Answer {
-    let (head, mut body) = tokio::time::timeout(WAIT, read_head(&mut stream)).await.unwrap().unwrap().expect("a response");
+    let (head, mut body) =
+        tokio::time::timeout(WAIT, read_head(&mut stream)).await.unwrap().unwrap().expect("a response");
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
     let headers = parse_headers(&head);
     let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -287,7 +288,11 @@ pub async fn connect_as(proxy: SocketAddr, app: &str, token: &str, target: &str)
 }
 
 /// Speak TLS for `server_name` over an established tunnel.
-pub async fn tls_over(stream: TcpStream, ca: &CertificateDer<'static>, server_name: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+pub async fn tls_over(
+    stream: TcpStream,
+    ca: &CertificateDer<'static>,
+    server_name: &str,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
     let config = rustls::ClientConfig::builder_with_provider(provider())
@@ -301,7 +306,12 @@ pub async fn tls_over(stream: TcpStream, ca: &CertificateDer<'static>, server_na
 }
 
 /// One HTTP/1.1 request over a TLS stream; returns the response body.
-pub async fn https_request<S: AsyncRead + AsyncWrite + Unpin>(tls: &mut S, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+pub async fn https_request<S: AsyncRead + AsyncWrite + Unpin>(
+    tls: &mut S,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Vec<u8> {
     let head = format!("{method} {path} HTTP/1.1\r\nhost: origin\r\ncontent-length: {}\r\n\r\n", body.len());
     tls.write_all(head.as_bytes()).await.unwrap();
     tls.write_all(body).await.unwrap();

@@ -1,0 +1,235 @@
+//! The command line as an operator uses it: `check`, `explain`, and `run` until SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_miniapp-gateway");
+
+fn gateway(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).env_remove("MINIAPP_GATEWAY_CONFIG").output().unwrap()
+}
+
+fn shipped_config() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gateway.toml").display().to_string()
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let out = gateway(&["check", "-c", &shipped_config()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok: 1 apps, 5 entries\n");
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(
+        &path,
+        r#"[policy]
+unknown_app = "ghost"
+
+[[app]]
+id = "demo"
+server_domains = [
+  "http://api.shop.example",
+  "https://api.shop.example/v1",
+  "login.*.shop.example",
+  "https://api.shop.example:70000",
+]
+webview_domains = ["localhost", "a.example", "A.example"]
+
+[[app]]
+id = "demo"
+"#,
+    )
+    .unwrap();
+    let out = gateway(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let p = path.display();
+    let expected = [
+        format!(r#"{p}:2:15: unknown_app = "ghost" names no app (use "deny" or an app id)"#),
+        format!(
+            r#"{p}:7:3: "http://api.shop.example" in server_domains: only https:// and wss:// entries are allowed"#
+        ),
+        format!(r#"{p}:8:3: "https://api.shop.example/v1" in server_domains: an entry must not contain a path"#),
+        format!(
+            r#"{p}:9:3: "login.*.shop.example" in server_domains: a wildcard is only allowed as a whole leading label (*.example.com)"#
+        ),
+        format!(
+            r#"{p}:10:3: "https://api.shop.example:70000" in server_domains: the port must be a number from 1 to 65535"#
+        ),
+        format!(r#"{p}:12:20: "localhost" in webview_domains: localhost is not allowed"#),
+        format!(r#"{p}:12:46: "A.example" duplicates webview_domains[0]"#),
+        format!(r#"{p}:15:6: duplicate app id "demo" (first defined at {p}:5:6)"#),
+    ];
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().collect::<Vec<_>>(), expected);
+}
+
+#[test]
+fn check_reports_syntax_errors_and_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("syntax.toml");
+    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:8080\"\nbogus = true\n").unwrap();
+    let out = gateway(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.starts_with(&format!("{}:3:1: unknown field `bogus`", path.display())), "{stderr}");
+    let out = gateway(&["check", "-c", "/nonexistent/gateway.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("/nonexistent/gateway.toml:1:1: cannot read the config file")
+    );
+}
+
+#[test]
+fn explain_prints_the_decision_and_exits_by_it() {
+    let config = shipped_config();
+    let out = gateway(&["explain", "-c", &config, "--app", "demo", "https://api.shop.example/v1/items"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "allow whitelisted server_domains[0] \"api.shop.example\"\n");
+    let out = gateway(&["explain", "-c", &config, "--app", "demo", "https://evil.example/"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "deny not_whitelisted: evil.example:443 is not on the server domain whitelist of app demo\n"
+    );
+    let out = gateway(&["explain", "-c", &config, "--app", "demo", "--channel", "webview", "https://m.shop.example/"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "allow whitelisted webview_domains[0] \"*.shop.example\"\n");
+    let out = gateway(&["explain", "-c", &config, "--app", "demo", "http://api.shop.example/"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("deny https_required: "));
+    let out = gateway(&["explain", "-c", &config, "--app", "demo", "not a url"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = gateway(&["explain", "-c", "/nonexistent.toml", "--app", "demo", "https://a.example/"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = gateway(&["explain", "-c", &config, "--app", "demo", "--channel", "sockets", "https://a.example/"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A gateway process on port 0; its proxy address is read from the startup line.
+struct Process {
+    child: Child,
+    proxy: std::net::SocketAddr,
+}
+
+impl Process {
+    fn start(config: &Path) -> Process {
+        let mut child = Command::new(BIN)
+            .args(["run", "-c", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (found, startup) = std::sync::mpsc::channel();
+        // Read stderr on a thread (and keep draining it, so the child never blocks on a full
+        // pipe); the first line naming `listen=` is the startup line.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listen=").nth(1) {
+                    let _ = found.send(rest.split([',', ' ']).next().unwrap_or_default().to_owned());
+                }
+            }
+        });
+        let first = startup.recv_timeout(WAIT).expect("no startup line from the gateway");
+        let proxy = first.parse().unwrap();
+        Process { child, proxy }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the gateway did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stdout(&mut self) -> String {
+        let mut out = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut out).unwrap();
+        out
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn process_config(dir: &Path, origin: std::net::SocketAddr, grace: &str) -> std::path::PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nshutdown_grace = \"{grace}\"\n[resolve]\n\"api.shop.example\" = \"{origin}\"\n\
+             [[app]]\nid = \"demo\"\nserver_domains = [\"api.shop.example\"]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_drains_open_tunnels() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Process::start(&process_config(dir.path(), origin.addr, "30s"));
+    let answer = connect_as(gw.proxy, "demo", "x", "api.shop.example:443").await;
+    assert_eq!(answer.status, 200);
+    let mut tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+    assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
+
+    gw.signal("TERM");
+    // new connections are refused once the listener is closed
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(gw.proxy).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the open tunnel still carries traffic
+    assert_eq!(https_request(&mut tls, "GET", "/bytes/100000", b"").await.len(), 100_000);
+    assert!(gw.child.try_wait().unwrap().is_none(), "exited with a tunnel open");
+    drop(tls);
+    let status = gw.wait_exit(WAIT);
+    assert!(status.success(), "{status}");
+    let log = gw.stdout();
+    let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!((line["reason"].as_str(), line["closed_by"].as_str()), (Some("whitelisted"), Some("peer")));
+    assert!(line["bytes_down"].as_u64().unwrap() > 100_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_still_open_after_the_grace_are_closed() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Process::start(&process_config(dir.path(), origin.addr, "300ms"));
+    let answer = connect_as(gw.proxy, "demo", "x", "api.shop.example:443").await;
+    assert_eq!(answer.status, 200);
+    let _tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+    gw.signal("INT");
+    let status = gw.wait_exit(WAIT);
+    assert!(status.success(), "{status}");
+    let log = gw.stdout();
+    let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(line["closed_by"], "shutdown");
+}
