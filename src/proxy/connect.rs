@@ -103,6 +103,8 @@ pub(crate) async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Res
     if req.method() != Method::CONNECT {
         let reason = if req.uri().scheme().is_some() || req.uri().authority().is_some() {
             attempt.host = req.uri().host().map(Into::into);
+            attempt.port =
+                req.uri().port_u16().or_else(|| req.uri().scheme().map(|s| if s == "https" { 443 } else { 80 }));
             Reason::HttpsRequired
         } else {
             Reason::NotAProxyRequest
