@@ -8,7 +8,10 @@
 //! decision, allowed or refused, leaves one line in the [`access_log`].
 
 pub mod access_log;
+pub mod admin;
 pub mod config;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;

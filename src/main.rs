@@ -11,6 +11,7 @@ use miniapp_gateway::access_log::{AccessLog, LogFormat};
 use miniapp_gateway::config::{self, DEFAULT_PATH};
 use miniapp_gateway::policy::{Channel, Verdict};
 use miniapp_gateway::proxy::Gateway;
+use miniapp_gateway::reload::{Trigger, spawn_watcher};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -136,7 +137,22 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
         let apps = config.policy.app_count();
         let gateway = Gateway::bind(config, log).await?;
         let addrs: Vec<String> = gateway.local_addrs().iter().map(ToString::to_string).collect();
-        tracing::info!(listen = %addrs.join(","), generation = 1, apps, config = %path.display(), "miniapp-gateway started");
+        let admin = gateway.admin_addr().map_or_else(|| "off".to_owned(), |a| a.to_string());
+        tracing::info!(listen = %addrs.join(","), admin = %admin, generation = 1, apps, config = %path.display(), "miniapp-gateway started");
+        let reloader = gateway.reloader();
+        let _watcher = match spawn_watcher(reloader.clone()) {
+            Ok(task) => Some(task),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config; reload with SIGHUP or POST /-/reload");
+                None
+            }
+        };
+        let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let _ = reloader.reload(Trigger::Signal).await;
+            }
+        });
         let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let shutdown = async move {
             tokio::select! {

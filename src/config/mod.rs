@@ -7,6 +7,7 @@
 
 pub mod schema;
 mod validate;
+pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddr;

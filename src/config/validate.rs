@@ -414,7 +414,8 @@ impl Validator {
                 );
             }
             match parse_entry(domain) {
-                Ok(entry) => {
+                Ok(mut entry) => {
+                    entry.remark = remark.as_deref().map(Into::into);
                     if let Some(first) =
                         entries.iter().position(|e| e.pattern == entry.pattern && e.ports == entry.ports)
                     {

@@ -53,6 +53,8 @@ pub struct Entry {
     pub ports: PortRule,
     /// Whether it was written as `wss://` (kept only to print the entry back).
     pub websocket: bool,
+    /// The operator's note, shown by `/v1/apps`; never used for matching.
+    pub remark: Option<Box<str>>,
 }
 
 impl fmt::Display for Entry {
@@ -139,7 +141,7 @@ pub fn parse_entry(raw: &str) -> Result<Entry, EntryError> {
         (None, true) => PortRule::Any,
     };
     let pattern = parse_pattern(host)?;
-    Ok(Entry { pattern, ports, websocket })
+    Ok(Entry { pattern, ports, websocket, remark: None })
 }
 
 fn parse_pattern(host: &str) -> Result<Pattern, EntryError> {

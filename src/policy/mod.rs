@@ -249,6 +249,24 @@ impl fmt::Display for Reason {
     }
 }
 
+/// Why an API call is or is not allowed (`/v1/check` with `api`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiReason {
+    ApiWhitelisted,
+    ApiNotWhitelisted,
+    Open,
+}
+
+impl ApiReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiReason::ApiWhitelisted => "api_whitelisted",
+            ApiReason::ApiNotWhitelisted => "api_not_whitelisted",
+            ApiReason::Open => "open",
+        }
+    }
+}
+
 /// Which list a rule came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListKind {
@@ -439,6 +457,21 @@ impl Policy {
             _ => Decision::refuse(Reason::HttpsRequired, self.effective_app(app_id), None),
         };
         Ok((decision, shown))
+    }
+
+    /// Decide whether `app_id` may call the JSAPI `api` (its `api_whitelist`, under its
+    /// action). `None` when the app is unknown and no `unknown_app` fallback applies.
+    pub fn decide_api(&self, app_id: &str, api: &str) -> Option<(Verdict, ApiReason)> {
+        let app = self.effective_app(app_id)?;
+        Some(if app.api_whitelist.contains(api) {
+            (Verdict::Allow, ApiReason::ApiWhitelisted)
+        } else {
+            match app.action {
+                Action::Enforce => (Verdict::Deny, ApiReason::ApiNotWhitelisted),
+                Action::Report => (Verdict::Report, ApiReason::ApiNotWhitelisted),
+                Action::Open => (Verdict::Allow, ApiReason::Open),
+            }
+        })
     }
 
     fn find<'p>(&self, list: &'p DomainList, kind: ListKind, host: &str, port: u16) -> Option<Rule<'p>> {

@@ -152,6 +152,22 @@ fn urls_are_decided_like_connects() {
     assert!(p.decide_url("demo", Channel::Request, "not a url").is_err());
 }
 
+#[test]
+fn api_calls_follow_the_api_whitelist_and_the_action() {
+    let mut apps = vec![
+        app("demo", Action::Enforce, &[], &[]),
+        app("watch", Action::Report, &[], &[]),
+        app("free", Action::Open, &[], &[]),
+    ];
+    apps[0].api_whitelist.insert("shop.pay".into());
+    let p = Policy::new(apps, policy(None).rules.clone());
+    assert_eq!(p.decide_api("demo", "shop.pay"), Some((Verdict::Allow, ApiReason::ApiWhitelisted)));
+    assert_eq!(p.decide_api("demo", "shop.refund"), Some((Verdict::Deny, ApiReason::ApiNotWhitelisted)));
+    assert_eq!(p.decide_api("watch", "shop.refund"), Some((Verdict::Report, ApiReason::ApiNotWhitelisted)));
+    assert_eq!(p.decide_api("free", "anything"), Some((Verdict::Allow, ApiReason::Open)));
+    assert_eq!(p.decide_api("stranger", "shop.pay"), None);
+}
+
 fn label() -> impl Strategy<Value = String> {
     "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
 }

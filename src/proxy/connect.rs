@@ -12,15 +12,16 @@ use std::time::{Instant, SystemTime};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 
-use super::Shared;
 use super::response::{self, Body};
-use super::tunnel::{self, Closed, Transferred};
+use super::tunnel::{self, ByteCounters, Closed, Stops, Transferred};
 use super::upstream::dial;
+use super::{ConnectionSlot, OpenTunnel, Shared, Snapshot};
 use crate::access_log::AccessRecord;
-use crate::config::{Binding, Config};
+use crate::config::Binding;
 use crate::identity::{IdentityError, identify};
-use crate::policy::{Channel, Reason, Verdict, parse_authority};
+use crate::policy::{Channel, Reason, Target, Verdict, parse_authority};
 
 /// Per-connection context shared by the requests a keep-alive connection carries.
 pub(crate) struct ConnContext {
@@ -28,21 +29,23 @@ pub(crate) struct ConnContext {
     pub binding: Option<Binding>,
     pub client: SocketAddr,
     /// Held by the connection and by each of its tunnels: the `max_connections` slot.
-    pub permit: Arc<tokio::sync::OwnedSemaphorePermit>,
+    pub slot: Arc<ConnectionSlot>,
 }
 
-/// What is known of a request so far, for its access log line and refusal body.
-struct Attempt {
+/// What is known of a request so far, for its access log line, its counter and its body.
+struct Attempt<'s> {
+    snapshot: &'s Snapshot,
     started: Instant,
     client: SocketAddr,
-    generation: u64,
+    /// The id the client claimed (logged), and the app whose rules applied (counted).
     app: Option<Box<str>>,
+    counted_app: Option<Box<str>>,
     channel: Option<Channel>,
     host: Option<Box<str>>,
     port: Option<u16>,
 }
 
-impl Attempt {
+impl Attempt<'_> {
     fn target_text(&self) -> String {
         match (&self.host, self.port) {
             (Some(host), Some(port)) => format!("{host}:{port}"),
@@ -67,22 +70,24 @@ impl Attempt {
             bytes_up: 0,
             bytes_down: 0,
             duration_ms: self.started.elapsed().as_millis() as u64,
-            generation: self.generation,
+            generation: self.snapshot.config.generation,
             closed_by: None,
         }
     }
 
-    /// Log and answer a refusal whose message is the reason's standard sentence.
+    fn count(&self, verdict: Verdict, reason: Reason) {
+        self.snapshot.counters.count(self.counted_app.as_deref(), self.channel, verdict, reason);
+    }
+
+    /// Count, log and answer a refusal whose message is the reason's standard sentence.
     fn refuse(&self, ctx: &ConnContext, reason: Reason, rule: Option<String>) -> Response<Body> {
-        let message = reason.message(
-            self.app.as_deref().unwrap_or("-"),
-            self.channel.unwrap_or(Channel::Request),
-            &self.target_text(),
-        );
+        let app = self.app.as_deref().unwrap_or("-");
+        let message = reason.message(app, self.channel.unwrap_or(Channel::Request), &self.target_text());
         self.refuse_with(ctx, reason, rule, &message)
     }
 
     fn refuse_with(&self, ctx: &ConnContext, reason: Reason, rule: Option<String>, message: &str) -> Response<Body> {
+        self.count(Verdict::Deny, reason);
         ctx.shared.log.record(self.record(Verdict::Deny, reason, rule, reason.status()));
         response::refusal(reason, self.app.as_deref(), self.channel, self.host.as_deref(), self.port, message)
     }
@@ -90,12 +95,13 @@ impl Attempt {
 
 /// The hyper service: every request on a proxy listener comes here.
 pub(crate) async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Result<Response<Body>, Infallible> {
-    let config = ctx.shared.live.load_full();
+    let snapshot = ctx.shared.live.load_full();
     let mut attempt = Attempt {
+        snapshot: &snapshot,
         started: Instant::now(),
         client: ctx.client,
-        generation: config.generation,
         app: None,
+        counted_app: None,
         channel: None,
         host: None,
         port: None,
@@ -111,15 +117,12 @@ pub(crate) async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Res
         };
         return Ok(attempt.refuse(&ctx, reason, None));
     }
-    Ok(connect(req, &ctx, &config, &mut attempt).await)
+    Ok(connect(req, &ctx, &mut attempt).await)
 }
 
-async fn connect(
-    mut req: Request<Incoming>,
-    ctx: &ConnContext,
-    config: &Arc<Config>,
-    attempt: &mut Attempt,
-) -> Response<Body> {
+async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut Attempt<'_>) -> Response<Body> {
+    let snapshot = attempt.snapshot;
+    let config = &snapshot.config;
     let policy = &config.policy;
     let raw_target = match (req.uri().scheme(), req.uri().path_and_query(), req.uri().authority()) {
         (None, None, Some(authority)) => authority.as_str().to_owned(),
@@ -142,6 +145,7 @@ async fn connect(
         Ok(identity) => identity,
         Err(IdentityError::Missing) => return attempt.refuse(ctx, Reason::AuthRequired, None),
         Err(IdentityError::BadCredentials { app }) => {
+            attempt.counted_app = app.clone();
             attempt.app = app;
             return attempt.refuse(ctx, Reason::BadCredentials, None);
         }
@@ -153,11 +157,13 @@ async fn connect(
     attempt.channel = Some(identity.channel);
 
     let decision = policy.decide(&identity.app, identity.channel, &target);
+    attempt.counted_app = decision.app.map(|app| app.id.clone());
     let rule = decision.rule.map(|r| r.to_string());
     if decision.verdict == Verdict::Deny {
         return attempt.refuse(ctx, decision.reason, rule);
     }
 
+    let dial_started = Instant::now();
     let (upstream, upstream_addr) =
         match dial(policy, &ctx.shared.resolver, &target, config.limits.connect_timeout).await {
             Ok(connected) => connected,
@@ -166,25 +172,57 @@ async fn connect(
                 return attempt.refuse(ctx, e.reason(), rule);
             }
         };
+    let metrics = &ctx.shared.metrics;
+    metrics.upstream_connect_duration.observe(dial_started.elapsed().as_secs_f64());
+    attempt.count(decision.verdict, decision.reason);
 
     let on_upgrade = hyper::upgrade::on(&mut req);
+    let revoke = CancellationToken::new();
     let tunnel = Tunnel {
         record: attempt.record(decision.verdict, decision.reason, rule, 200),
         upstream_addr,
         started: attempt.started,
+        counted_app: attempt.counted_app.clone(),
+    };
+    let open = OpenTunnel {
+        app: identity.app.clone(),
+        channel: identity.channel,
+        target: Target { host: target.host.into_owned(), port: target.port },
+        revoke: revoke.clone(),
     };
     let shared = ctx.shared.clone();
-    let permit = ctx.permit.clone();
+    let slot = ctx.slot.clone();
     let idle = config.limits.idle_timeout;
     ctx.shared.tracker.spawn(async move {
-        let _permit = permit;
+        let _slot = slot;
+        let id = shared.register_tunnel(open);
+        shared.metrics.tunnels_active.inc();
+        let bytes = ByteCounters {
+            upstream: shared.metrics.bytes_upstream.clone(),
+            downstream: shared.metrics.bytes_downstream.clone(),
+        };
         let (closed, moved) = match on_upgrade.await {
-            Ok(upgraded) => tunnel::splice(TokioIo::new(upgraded), upstream, idle, &shared.abort).await,
+            Ok(upgraded) => {
+                let stops = Stops { abort: &shared.abort, revoke: &revoke };
+                tunnel::splice(TokioIo::new(upgraded), upstream, idle, stops, &bytes).await
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "client went away before the tunnel started");
                 (Closed::Finished, Transferred::default())
             }
         };
+        shared.tunnels.remove(&id);
+        shared.metrics.tunnels_active.dec();
+        shared.metrics.tunnel_duration.observe(tunnel.started.elapsed().as_secs_f64());
+        if closed == Closed::Revoked {
+            let snapshot = shared.live.load();
+            snapshot.counters.count(
+                tunnel.counted_app.as_deref(),
+                tunnel.record.channel,
+                Verdict::Deny,
+                Reason::Revoked,
+            );
+        }
         shared.log.record(tunnel.finish(closed, moved));
     });
     response::established(decision.verdict, decision.reason)
@@ -195,6 +233,7 @@ struct Tunnel {
     record: AccessRecord,
     upstream_addr: SocketAddr,
     started: Instant,
+    counted_app: Option<Box<str>>,
 }
 
 impl Tunnel {
@@ -205,6 +244,10 @@ impl Tunnel {
         self.record.bytes_down = moved.down;
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
         self.record.closed_by = Some(closed.as_str());
+        if closed == Closed::Revoked {
+            self.record.decision = Verdict::Deny;
+            self.record.reason = Reason::Revoked;
+        }
         self.record
     }
 }

@@ -1,10 +1,11 @@
 //! The hot path: listeners, connections, CONNECT handling, upstream dialing, tunnels.
 //!
-//! [`Gateway::bind`] opens every proxy listener; [`Gateway::run`] accepts until its shutdown
-//! future completes, then stops accepting, lets open tunnels finish for `shutdown_grace`,
-//! closes what is left and returns. Each accepted connection takes a `max_connections`
-//! permit first (or is answered `503 overloaded` unread), is served by hyper's HTTP/1.1
-//! server with upgrades, and each CONNECT goes through [`connect::handle`].
+//! [`Gateway::bind`] opens every proxy listener (and the admin listener); [`Gateway::run`]
+//! accepts until its shutdown future completes, then stops accepting, lets open tunnels
+//! finish for `shutdown_grace`, closes what is left and returns. Each accepted connection
+//! takes a `max_connections` permit first (or is answered `503 overloaded` unread), is served
+//! by hyper's HTTP/1.1 server with upgrades, and each request goes through
+//! [`connect::handle`] against one [`Snapshot`] of the live config.
 
 mod connect;
 pub mod response;
@@ -15,21 +16,25 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::config::{Config, ListenerSpec};
-use crate::policy::{Reason, Verdict};
+use crate::metrics::{Metrics, RequestCounters};
+use crate::policy::{Channel, Reason, Target, Verdict};
+use crate::reload::Reloader;
 use connect::ConnContext;
 use upstream::Resolver;
 
@@ -40,53 +45,114 @@ const OVERLOAD_LINGER: Duration = Duration::from_secs(1);
 /// At most this many turned-away connections linger at once; beyond it they are just closed.
 const MAX_LINGERING: usize = 256;
 
-/// The live config every connection reads one snapshot of.
-pub type LiveConfig = Arc<ArcSwap<Config>>;
+/// One generation of everything a request reads: the config and its counter cache.
+pub struct Snapshot {
+    pub config: Config,
+    pub(crate) counters: RequestCounters,
+}
+
+impl Snapshot {
+    pub fn new(config: Config, metrics: &Metrics) -> Snapshot {
+        let counters = RequestCounters::new(metrics, &config.policy);
+        Snapshot { config, counters }
+    }
+}
+
+/// The live snapshot: one `load` per request, a `store` per successful reload.
+pub type LiveSnapshot = Arc<ArcSwap<Snapshot>>;
+
+/// An established tunnel, as revocation sees it.
+pub(crate) struct OpenTunnel {
+    pub app: Box<str>,
+    pub channel: Channel,
+    pub target: Target<'static>,
+    pub revoke: CancellationToken,
+}
 
 /// State shared by every listener, connection and tunnel.
 pub(crate) struct Shared {
-    pub live: LiveConfig,
+    pub live: LiveSnapshot,
     pub resolver: Resolver,
     pub log: AccessLog,
+    pub metrics: Metrics,
     /// Fires when shutdown starts: stop accepting, close idle keep-alive connections.
     pub stop: CancellationToken,
     /// Fires when the shutdown grace has run out: close every tunnel.
     pub abort: CancellationToken,
     pub tracker: TaskTracker,
+    pub tunnels: DashMap<u64, OpenTunnel>,
+    next_tunnel: AtomicU64,
     overloaded_response: Vec<u8>,
     lingering: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn register_tunnel(&self, tunnel: OpenTunnel) -> u64 {
+        let id = self.next_tunnel.fetch_add(1, Ordering::Relaxed);
+        self.tunnels.insert(id, tunnel);
+        id
+    }
+}
+
+/// A client connection's `max_connections` slot; it also keeps the active gauge.
+pub(crate) struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit, gauge: &prometheus::IntGauge) -> ConnectionSlot {
+        gauge.inc();
+        ConnectionSlot { _permit: permit, gauge: gauge.clone() }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// A bound, not yet running gateway.
 pub struct Gateway {
     shared: Arc<Shared>,
     listeners: Vec<(TcpListener, ListenerSpec)>,
+    admin: Option<TcpListener>,
     permits: Arc<Semaphore>,
+    reloader: Arc<Reloader>,
 }
 
 impl Gateway {
-    /// Bind every proxy listener of `config` and make it generation 1.
+    /// Bind every listener of `config` and make it generation 1.
     pub async fn bind(mut config: Config, log: AccessLog) -> io::Result<Gateway> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for spec in &config.listeners {
-            let listener = TcpListener::bind(spec.listen)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", spec.listen)))?;
-            listeners.push((listener, spec.clone()));
+            listeners.push((bind(spec.listen).await?, spec.clone()));
         }
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         config.generation = 1;
+        let metrics = Metrics::new();
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let snapshot = Snapshot::new(config, &metrics);
+        crate::reload::publish(&metrics, &snapshot);
         let shared = Arc::new(Shared {
-            live: Arc::new(ArcSwap::from_pointee(config)),
+            live: Arc::new(ArcSwap::from_pointee(snapshot)),
             resolver: Resolver::default(),
             log,
+            metrics,
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            tunnels: DashMap::new(),
+            next_tunnel: AtomicU64::new(0),
             overloaded_response: response::overloaded_bytes(),
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         });
-        Ok(Gateway { shared, listeners, permits })
+        let reloader = Arc::new(Reloader::new(shared.clone()));
+        Ok(Gateway { shared, listeners, admin, permits, reloader })
     }
 
     /// The bound proxy addresses, `server.listen` first, then each `[[listener]]` in order.
@@ -94,19 +160,34 @@ impl Gateway {
         self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
     }
 
-    /// The live config, for reloads.
-    pub fn live(&self) -> LiveConfig {
-        self.shared.live.clone()
+    /// The bound admin address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serve until `shutdown` completes, then drain (see the module docs).
+    /// What reloads the config: SIGHUP, the file watcher and `POST /-/reload` all call it.
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Serve until `shutdown` completes, then drain (see the module docs). The admin listener
+    /// keeps answering while the tunnels drain (`/readyz` says 503), and stops last.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Gateway { shared, listeners, permits } = self;
+        let Gateway { shared, listeners, admin, permits, reloader } = self;
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|listener| {
+            let serve = crate::admin::serve(listener, shared.clone(), reloader.clone(), admin_stop.clone());
+            tokio::spawn(serve)
+        });
         for (listener, spec) in listeners {
             shared.tracker.spawn(accept_loop(listener, spec, shared.clone(), permits.clone()));
         }
         shutdown.await;
-        let grace = shared.live.load().limits.shutdown_grace;
+        let grace = shared.live.load().config.limits.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections, draining tunnels");
         shared.stop.cancel();
         shared.tracker.close();
@@ -115,7 +196,15 @@ impl Gateway {
             shared.abort.cancel();
             shared.tracker.wait().await;
         }
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
     }
+}
+
+async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
 async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shared>, permits: Arc<Semaphore>) {
@@ -141,12 +230,8 @@ async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shar
         };
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
-                let ctx = ConnContext {
-                    shared: shared.clone(),
-                    binding: spec.binding.clone(),
-                    client,
-                    permit: Arc::new(permit),
-                };
+                let slot = Arc::new(ConnectionSlot::new(permit, &shared.metrics.connections_active));
+                let ctx = ConnContext { shared: shared.clone(), binding: spec.binding.clone(), client, slot };
                 shared.tracker.spawn(serve_connection(stream, Arc::new(ctx)));
             }
             Err(_) => turn_away(stream, client, &shared),
@@ -157,7 +242,7 @@ async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shar
 /// Serve one client connection: HTTP/1.1 with upgrades, until it closes or shutdown.
 async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
     let _ = stream.set_nodelay(true);
-    let header_timeout = ctx.shared.live.load().limits.header_timeout;
+    let header_timeout = ctx.shared.live.load().config.limits.header_timeout;
     let stop = ctx.shared.stop.clone();
     let service_ctx = ctx.clone();
     let service = service_fn(move |req| connect::handle(req, service_ctx.clone()));
@@ -180,6 +265,8 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
 /// Answer a connection over `max_connections` with 503 without reading its request.
 fn turn_away(stream: TcpStream, client: SocketAddr, shared: &Arc<Shared>) {
     let _ = stream.try_write(&shared.overloaded_response);
+    let snapshot = shared.live.load();
+    snapshot.counters.count(None, None, Verdict::Deny, Reason::Overloaded);
     shared.log.record(AccessRecord {
         ts: std::time::SystemTime::now(),
         app: None,
@@ -195,7 +282,7 @@ fn turn_away(stream: TcpStream, client: SocketAddr, shared: &Arc<Shared>) {
         bytes_up: 0,
         bytes_down: 0,
         duration_ms: 0,
-        generation: shared.live.load().generation,
+        generation: snapshot.config.generation,
         closed_by: None,
     });
     // Closing at once with the request unread would reset the connection and could destroy

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -178,32 +177,53 @@ impl LogBuffer {
     }
 }
 
-/// A running gateway on port 0.
+/// A running gateway on port 0, serving a config file in its own temporary directory, with
+/// the file watcher running as in production.
 pub struct TestGateway {
     /// `server.listen` first, then each `[[listener]]`.
     pub addrs: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
     pub log: LogBuffer,
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+    pub reloader: Arc<miniapp_gateway::reload::Reloader>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    watcher: JoinHandle<()>,
 }
 
 impl TestGateway {
     /// Start a gateway on `toml` (its `listen` addresses should use port 0).
     pub async fn start(toml: &str) -> TestGateway {
-        let config = config::load_str(Path::new("test.toml"), toml.to_owned()).unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        Self::start_at(dir, path).await
+    }
+
+    /// Start a gateway on the config file at `path` inside `dir`.
+    pub async fn start_at(dir: tempfile::TempDir, path: std::path::PathBuf) -> TestGateway {
+        let config = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let log = LogBuffer::default();
         let (access_log, _writer) = AccessLog::start(LogFormat::Json, Box::new(log.clone()));
         let gateway = Gateway::bind(config, access_log).await.unwrap();
         let addrs = gateway.local_addrs();
+        let admin = gateway.admin_addr();
+        let reloader = gateway.reloader();
+        let watcher = miniapp_gateway::reload::spawn_watcher(reloader.clone()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.run(async move {
             let _ = stopped.await;
         }));
-        TestGateway { addrs, log, stop: Some(stop), task: Some(task) }
+        TestGateway { addrs, admin, log, dir, path, reloader, stop: Some(stop), task: Some(task), watcher }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.admin.expect("the test config sets admin_listen")
     }
 
     /// Begin shutdown; returns the task that completes when the gateway has drained.
@@ -211,14 +231,84 @@ impl TestGateway {
         let _ = self.stop.take().map(|s| s.send(()));
         self.task.take().expect("shut down once")
     }
+
+    /// Replace the config file the way editors do: write a new file, rename it over.
+    pub fn save_config(&self, toml: &str) {
+        let tmp = self.dir.path().join(".gateway.toml.tmp");
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
+    }
+
+    /// The value of the metric sample whose name and labels are exactly `sample`
+    /// (e.g. `gateway_config_generation` or `gateway_config_reloads_total{result="success"}`).
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, _, body) = admin_request(self.admin(), "GET", "/metrics", None, None).await;
+        metric_value(&String::from_utf8(body).unwrap(), sample)
+    }
+
+    /// Wait until `sample` reaches `value`; returns the last value seen.
+    pub async fn wait_metric(&self, sample: &str, value: f64) -> f64 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let seen = self.metric(sample).await;
+            if seen == value || tokio::time::Instant::now() > deadline {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
 }
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
+        self.watcher.abort();
         if let Some(task) = &self.task {
             task.abort();
         }
     }
+}
+
+/// The value of one sample in a Prometheus text exposition; 0 when absent.
+pub fn metric_value(exposition: &str, sample: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// One request to the admin listener: (status, headers, body).
+pub async fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, HashMap<String, String>, Vec<u8>) {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let answer = send_raw(admin, &request).await;
+    (answer.status, answer.headers, answer.body)
+}
+
+/// `admin_request` whose body is JSON.
+pub async fn admin_json(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (status, headers, body) = admin_request(admin, method, path, body, token).await;
+    assert_eq!(headers.get("content-type").map(String::as_str), Some("application/json"), "{path}");
+    (status, serde_json::from_slice(&body).unwrap())
 }
 
 /// What a CONNECT got back.

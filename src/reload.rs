@@ -1,0 +1,128 @@
+//! Reloading the config while serving.
+//!
+//! SIGHUP, the file watcher and `POST /-/reload` all end in [`Reloader::reload`]: load and
+//! validate a complete new config beside the running one, and either swap it in as the next
+//! generation or change nothing. After a swap, every open tunnel is decided again under the
+//! new policy, and those it refuses are revoked (closed, logged with reason `revoked`).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::watch::{ConfigWatcher, WatchSet};
+use crate::config::{self, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::policy::Verdict;
+use crate::proxy::{Shared, Snapshot};
+
+/// What asked for a reload (for the log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Watcher,
+    Admin,
+}
+
+pub struct Reloader {
+    shared: Arc<Shared>,
+    /// Reloads run one at a time, so generations are assigned in order.
+    running: tokio::sync::Mutex<()>,
+}
+
+/// Set the gauges that describe the snapshot in force.
+pub(crate) fn publish(metrics: &Metrics, snapshot: &Snapshot) {
+    metrics.config_generation.set(snapshot.config.generation as i64);
+    metrics.apps_loaded.set(snapshot.config.policy.app_count() as i64);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    metrics.last_reload_success.set(now);
+}
+
+impl Reloader {
+    pub(crate) fn new(shared: Arc<Shared>) -> Reloader {
+        Reloader { shared, running: tokio::sync::Mutex::new(()) }
+    }
+
+    /// The generation in force.
+    pub fn generation(&self) -> u64 {
+        self.shared.live.load().config.generation
+    }
+
+    /// Load the config file again; swap it in and revoke what it no longer allows, or keep
+    /// the running policy and return every error.
+    pub async fn reload(&self, trigger: Trigger) -> Result<u64, ConfigErrors> {
+        let _one_at_a_time = self.running.lock().await;
+        let current = self.shared.live.load_full();
+        let path = current.config.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        let mut config = match loaded {
+            Ok(Ok(config)) => config,
+            Ok(Err(errors)) => {
+                self.shared.metrics.reloads_failure.inc();
+                tracing::error!(
+                    ?trigger,
+                    generation = current.config.generation,
+                    "config reload failed; the running policy stays:\n{errors}"
+                );
+                return Err(errors);
+            }
+            Err(e) => {
+                self.shared.metrics.reloads_failure.inc();
+                let error = config::ConfigError {
+                    path: current.config.path.clone(),
+                    line: 1,
+                    col: 1,
+                    message: format!("the reload task failed: {e}"),
+                };
+                return Err(ConfigErrors(vec![error]));
+            }
+        };
+        if config.listeners != current.config.listeners
+            || config.server.admin_listen != current.config.server.admin_listen
+            || config.limits.max_connections != current.config.limits.max_connections
+        {
+            tracing::warn!("listen addresses, listener bindings and max_connections change only on restart");
+        }
+        config.generation = current.config.generation + 1;
+        let generation = config.generation;
+        let snapshot = Snapshot::new(config, &self.shared.metrics);
+        publish(&self.shared.metrics, &snapshot);
+        self.shared.metrics.reloads_success.inc();
+        let apps = snapshot.config.policy.app_count();
+        let snapshot = Arc::new(snapshot);
+        self.shared.live.store(snapshot.clone());
+        let revoked = self.revoke(&snapshot);
+        tracing::info!(?trigger, generation, apps, revoked, "config reloaded");
+        Ok(generation)
+    }
+
+    /// What the file watcher should watch for the config in force.
+    pub fn watch_set(&self) -> WatchSet {
+        let snapshot = self.shared.live.load();
+        WatchSet::new(&snapshot.config.path, snapshot.config.apps_dir.as_deref())
+    }
+
+    /// Signal every open tunnel that `snapshot` refuses; returns how many.
+    fn revoke(&self, snapshot: &Snapshot) -> usize {
+        let policy = &snapshot.config.policy;
+        let mut revoked = 0;
+        for tunnel in self.shared.tunnels.iter() {
+            let decision = policy.decide(&tunnel.app, tunnel.channel, &tunnel.target);
+            if decision.verdict == Verdict::Deny {
+                tunnel.revoke.cancel();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+}
+
+/// Watch the config's directories and reload when they change. The watcher lives as long as
+/// the returned task.
+pub fn spawn_watcher(reloader: Arc<Reloader>) -> notify::Result<tokio::task::JoinHandle<()>> {
+    let (mut watcher, mut changes) = ConfigWatcher::start(reloader.watch_set())?;
+    Ok(tokio::spawn(async move {
+        while changes.recv().await.is_some() {
+            let _ = reloader.reload(Trigger::Watcher).await;
+            watcher.update(reloader.watch_set());
+        }
+    }))
+}
