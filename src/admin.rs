@@ -117,7 +117,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader) -> 
         }
         (&Method::POST, "/v1/check") => check(req, policy).await,
         (&Method::GET, "/proxy.pac") => {
-            let proxy = pac_proxy(&req, &snapshot.config.server.listen);
+            let proxy = pac_proxy(&req, &shared.proxy_addr);
             let pac = format!(
                 "// miniapp-gateway: every request through the gateway, which refuses plain HTTP.\n\
                  function FindProxyForURL(url, host) {{\n  return \"PROXY {proxy}\";\n}}\n"
@@ -137,8 +137,8 @@ fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
     scheme.eq_ignore_ascii_case("bearer") && bool::from(presented.trim().as_bytes().ct_eq(token.as_bytes()))
 }
 
-/// The proxy address a PAC file names: `server.listen`, or, when that is a wildcard address,
-/// the host the client reached the admin listener by.
+/// The proxy address a PAC file names: the bound `server.listen`, or, when that is a
+/// wildcard address, the host the client reached the admin listener by, with the proxy port.
 fn pac_proxy(req: &Request<Incoming>, listen: &std::net::SocketAddr) -> String {
     if !listen.ip().is_unspecified() {
         return listen.to_string();

@@ -115,10 +115,11 @@ fn explain_prints_the_decision_and_exits_by_it() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// A gateway process on port 0; its proxy address is read from the startup line.
+/// A gateway process on port 0; its addresses are read from the startup line.
 struct Process {
     child: Child,
     proxy: std::net::SocketAddr,
+    admin: Option<std::net::SocketAddr>,
 }
 
 impl Process {
@@ -137,13 +138,17 @@ impl Process {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listen=").nth(1) {
-                    let _ = found.send(rest.split([',', ' ']).next().unwrap_or_default().to_owned());
+                    let proxy = rest.split([',', ' ']).next().unwrap_or_default().to_owned();
+                    let admin =
+                        line.split("admin=").nth(1).and_then(|a| a.split(' ').next()).unwrap_or_default().to_owned();
+                    let _ = found.send((proxy, admin));
                 }
             }
         });
-        let first = startup.recv_timeout(WAIT).expect("no startup line from the gateway");
-        let proxy = first.parse().unwrap();
-        Process { child, proxy }
+        let (proxy, admin) = startup.recv_timeout(WAIT).expect("no startup line from the gateway");
+        let proxy = proxy.parse().unwrap();
+        let admin = admin.parse().ok();
+        Process { child, proxy, admin }
     }
 
     fn signal(&self, name: &str) {
@@ -232,4 +237,27 @@ async fn tunnels_still_open_after_the_grace_are_closed() {
     let log = gw.stdout();
     let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert_eq!(line["closed_by"], "shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = process_config(dir.path(), origin.addr, "1s");
+    let text =
+        std::fs::read_to_string(&path).unwrap().replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n");
+    std::fs::write(&path, text).unwrap();
+    let gw = Process::start(&path);
+    let admin = gw.admin.expect("the startup line names the admin address");
+    let generation = || async {
+        let (_, _, body) = admin_request(admin, "GET", "/metrics", None, None).await;
+        metric_value(&String::from_utf8(body).unwrap(), "gateway_config_generation")
+    };
+    assert_eq!(generation().await, 1.0);
+    gw.signal("HUP");
+    let deadline = Instant::now() + WAIT;
+    while generation().await != 2.0 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub abort: CancellationToken,
     pub tracker: TaskTracker,
     pub tunnels: DashMap<u64, OpenTunnel>,
+    /// The bound address of `server.listen` (what the PAC file names).
+    pub proxy_addr: SocketAddr,
     next_tunnel: AtomicU64,
     overloaded_response: Vec<u8>,
     lingering: Arc<Semaphore>,
@@ -129,6 +131,7 @@ impl Gateway {
         for spec in &config.listeners {
             listeners.push((bind(spec.listen).await?, spec.clone()));
         }
+        let proxy_addr = listeners[0].0.local_addr()?;
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -147,6 +150,7 @@ impl Gateway {
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
             tunnels: DashMap::new(),
+            proxy_addr,
             next_tunnel: AtomicU64::new(0),
             overloaded_response: response::overloaded_bytes(),
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),

@@ -1,0 +1,247 @@
+//! The admin listener and the metrics as an operator and a scraper see them.
+
+mod common;
+
+use common::*;
+
+fn config(origin: std::net::SocketAddr, admin_token: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+{admin_token}
+
+[resolve]
+"api.shop.example" = "{origin}"
+
+[[app]]
+id = "demo"
+name = "Demo shop"
+token = "s3cret"
+server_domains = ["https://api.shop.example", {{ domain = "img.shop.example:8443", remark = "image CDN" }}]
+webview_domains = [{{ domain = "*.shop.example", remark = "H5 pages" }}]
+api_whitelist = ["shop.pay", "shop.share"]
+
+[[app]]
+id = "watch"
+action = "report"
+"#
+    )
+}
+
+async fn setup(admin_token: &str) -> (Origin, TestGateway) {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let gw = TestGateway::start(&config(origin.addr, admin_token)).await;
+    (origin, gw)
+}
+
+#[tokio::test]
+async fn health_readiness_and_every_metric_name() {
+    let (_origin, gw) = setup("").await;
+    let (status, _, body) = admin_request(gw.admin(), "GET", "/healthz", None, None).await;
+    assert_eq!((status, body.as_slice()), (200, b"ok\n".as_slice()));
+    let (status, _, _) = admin_request(gw.admin(), "GET", "/readyz", None, None).await;
+    assert_eq!(status, 200);
+    let (status, headers, body) = admin_request(gw.admin(), "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"].starts_with("text/plain"));
+    let text = String::from_utf8(body).unwrap();
+    for name in [
+        "gateway_connections_active",
+        "gateway_tunnels_active",
+        "gateway_tunnel_duration_seconds",
+        "gateway_upstream_connect_duration_seconds",
+        "gateway_config_generation",
+        "gateway_config_last_reload_success_timestamp_seconds",
+        "gateway_apps_loaded",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing from\n{text}");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(metric_value(&text, &format!("gateway_build_info{{version=\"{version}\"}}")), 1.0);
+    assert_eq!(metric_value(&text, "gateway_apps_loaded"), 2.0);
+    assert_eq!(metric_value(&text, "gateway_config_generation"), 1.0);
+    assert!(metric_value(&text, "gateway_config_last_reload_success_timestamp_seconds") > 1.7e9);
+    assert_eq!(metric_value(&text, r#"gateway_config_reloads_total{result="success"}"#), 0.0);
+    assert!(text.contains(r#"gateway_config_reloads_total{result="failure"} 0"#));
+    assert!(text.contains(r#"gateway_tunnel_bytes_total{direction="upstream"} 0"#));
+}
+
+#[tokio::test]
+async fn counters_move_by_exactly_the_requests_made() {
+    let (origin, gw) = setup("").await;
+    for _ in 0..3 {
+        let answer = connect_as(gw.addr(), "demo", "s3cret", "api.shop.example:443").await;
+        let mut tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+        assert_eq!(https_request(&mut tls, "GET", "/bytes/1000", b"").await.len(), 1000);
+    }
+    for _ in 0..2 {
+        assert_eq!(connect_as(gw.addr(), "demo", "s3cret", "evil.example:443").await.reason(), "not_whitelisted");
+    }
+    assert_eq!(connect(gw.addr(), "api.shop.example:443", &[]).await.reason(), "auth_required");
+    assert_eq!(connect_as(gw.addr(), "demo", "wrong", "api.shop.example:443").await.reason(), "bad_credentials");
+    assert_eq!(connect_as(gw.addr(), "watch", "x", "api.shop.example:443").await.reason(), "not_whitelisted");
+    let webview = [("Proxy-Authorization", basic("demo", "s3cret")), ("X-Miniapp-Channel", "webview".to_owned())];
+    let headers: Vec<(&str, &str)> = webview.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(connect(gw.addr(), "api.shop.example:443", &headers).await.reason(), "whitelisted");
+
+    let expect = [
+        (r#"{app="demo",channel="request",decision="allow",reason="whitelisted"}"#, 3.0),
+        (r#"{app="demo",channel="request",decision="deny",reason="not_whitelisted"}"#, 2.0),
+        (r#"{app="",channel="",decision="deny",reason="auth_required"}"#, 1.0),
+        (r#"{app="demo",channel="",decision="deny",reason="bad_credentials"}"#, 1.0),
+        (r#"{app="watch",channel="request",decision="report",reason="not_whitelisted"}"#, 1.0),
+        (r#"{app="demo",channel="webview",decision="allow",reason="whitelisted"}"#, 1.0),
+    ];
+    let (_, _, body) = admin_request(gw.admin(), "GET", "/metrics", None, None).await;
+    let text = String::from_utf8(body).unwrap();
+    for (labels, value) in expect {
+        assert_eq!(metric_value(&text, &format!("gateway_requests_total{labels}")), value, "{labels}");
+    }
+    let samples = text.lines().filter(|l| l.starts_with("gateway_requests_total{")).count();
+    assert_eq!(samples, expect.len(), "no other label combination was counted:\n{text}");
+    assert_eq!(metric_value(&text, "gateway_upstream_connect_duration_seconds_count"), 5.0);
+    // three tunnels moved more than 1000 bytes down each; they close as the clients go away
+    assert!(metric_value(&text, r#"gateway_tunnel_bytes_total{direction="downstream"}"#) > 3000.0);
+    assert!(metric_value(&text, r#"gateway_tunnel_bytes_total{direction="upstream"}"#) > 0.0);
+    assert_eq!(gw.wait_metric("gateway_tunnels_active", 0.0).await, 0.0);
+    assert_eq!(gw.wait_metric("gateway_tunnel_duration_seconds_count", 5.0).await, 5.0);
+    // admin connections are not proxy connections: every client has gone
+    assert_eq!(gw.wait_metric("gateway_connections_active", 0.0).await, 0.0);
+}
+
+#[tokio::test]
+async fn apps_are_listed_without_their_tokens() {
+    let (_origin, gw) = setup("").await;
+    let (status, body) = admin_json(gw.admin(), "GET", "/v1/apps", None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["generation"], 1);
+    let ids: Vec<&str> = body["apps"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["demo", "watch"]);
+    let (status, demo) = admin_json(gw.admin(), "GET", "/v1/apps/demo", None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        demo,
+        serde_json::json!({
+            "id": "demo", "name": "Demo shop", "action": "enforce", "has_token": true,
+            "server_domains": [
+                {"domain": "api.shop.example", "remark": null},
+                {"domain": "img.shop.example:8443", "remark": "image CDN"}
+            ],
+            "webview_domains": [{"domain": "*.shop.example", "remark": "H5 pages"}],
+            "api_whitelist": ["shop.pay", "shop.share"]
+        })
+    );
+    assert!(!demo.to_string().contains("s3cret"));
+    let (status, body) = admin_json(gw.admin(), "GET", "/v1/apps/nobody", None, None).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("no app \"nobody\"")));
+}
+
+#[tokio::test]
+async fn check_answers_for_urls_and_apis() {
+    let (_origin, gw) = setup("").await;
+    let check = |body: &'static str| admin_json(gw.admin(), "POST", "/v1/check", Some(body), None);
+    let (status, body) = check(r#"{"app":"demo","channel":"request","url":"https://API.shop.example/v1/items"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["decision"], "allow");
+    assert_eq!(body["reason"], "whitelisted");
+    assert_eq!(body["rule"], "server_domains[0]");
+    let (_, body) = check(r#"{"app":"demo","url":"https://evil.example/"}"#).await;
+    assert_eq!(
+        body,
+        serde_json::json!({"decision": "deny", "reason": "not_whitelisted", "rule": null,
+            "message": "evil.example:443 is not on the server domain whitelist of app demo"})
+    );
+    let (_, body) = check(r#"{"app":"demo","channel":"webview","url":"wss://m.shop.example"}"#).await;
+    assert_eq!((body["decision"].as_str(), body["rule"].as_str()), (Some("allow"), Some("webview_domains[0]")));
+    let (_, body) = check(r#"{"app":"demo","url":"http://api.shop.example/"}"#).await;
+    assert_eq!(body["reason"], "https_required");
+    let (_, body) = check(r#"{"app":"watch","url":"https://evil.example/"}"#).await;
+    assert_eq!((body["decision"].as_str(), body["reason"].as_str()), (Some("report"), Some("not_whitelisted")));
+
+    let (_, body) = check(r#"{"app":"demo","api":"shop.pay"}"#).await;
+    assert_eq!(body, serde_json::json!({"decision": "allow", "reason": "api_whitelisted"}));
+    let (_, body) = check(r#"{"app":"demo","api":"shop.refund"}"#).await;
+    assert_eq!(body, serde_json::json!({"decision": "deny", "reason": "api_not_whitelisted"}));
+    let (_, body) = check(r#"{"app":"nobody","api":"shop.pay"}"#).await;
+    assert_eq!(body, serde_json::json!({"decision": "deny", "reason": "unknown_app"}));
+
+    for bad in [
+        r#"{"app":"demo""#,
+        r#"{"app":"demo"}"#,
+        r#"{"app":"demo","url":"https://a.example","api":"x"}"#,
+        r#"{"app":"demo","url":"::"}"#,
+        r#"{"app":"demo","url":"https://a.example","extra":1}"#,
+    ] {
+        let (status, body) = admin_json(gw.admin(), "POST", "/v1/check", Some(bad), None).await;
+        assert_eq!(status, 400, "{bad}");
+        assert!(body["error"].is_string());
+    }
+    let (status, _) = admin_json(gw.admin(), "GET", "/v1/check", None, None).await;
+    assert_eq!(status, 405);
+    let (status, _) = admin_json(gw.admin(), "GET", "/nowhere", None, None).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn the_admin_token_guards_everything_but_metrics_and_health() {
+    let (_origin, gw) = setup(r#"admin_token = "adm1n""#).await;
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let (status, _, _) = admin_request(gw.admin(), "GET", path, None, None).await;
+        assert_eq!(status, 200, "{path}");
+    }
+    for (method, path) in [
+        ("GET", "/v1/apps"),
+        ("GET", "/v1/apps/demo"),
+        ("POST", "/-/reload"),
+        ("POST", "/v1/check"),
+        ("GET", "/proxy.pac"),
+    ] {
+        let (status, headers, _) = admin_request(gw.admin(), method, path, None, None).await;
+        assert_eq!(status, 401, "{path}");
+        assert_eq!(headers["www-authenticate"], "Bearer realm=\"miniapp-gateway\"");
+        let (status, _, _) = admin_request(gw.admin(), method, path, None, Some("guess")).await;
+        assert_eq!(status, 401, "{path}");
+    }
+    let (status, body) = admin_json(gw.admin(), "GET", "/v1/apps", None, Some("adm1n")).await;
+    assert_eq!((status, body["apps"].as_array().map(Vec::len)), (200, Some(2)));
+    let (status, body) = admin_json(gw.admin(), "POST", "/-/reload", None, Some("adm1n")).await;
+    assert_eq!((status, body["generation"].as_u64()), (200, Some(2)));
+    assert_eq!(gw.metric(r#"gateway_config_reloads_total{result="success"}"#).await, 1.0);
+}
+
+#[tokio::test]
+async fn the_pac_file_points_at_the_proxy() {
+    let (_origin, gw) = setup("").await;
+    let (status, headers, body) = admin_request(gw.admin(), "GET", "/proxy.pac", None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/x-ns-proxy-autoconfig");
+    let pac = String::from_utf8(body).unwrap();
+    assert!(pac.contains("function FindProxyForURL(url, host)"), "{pac}");
+    assert!(pac.contains(&format!("return \"PROXY {}\";", gw.addr())), "{pac}");
+}
+
+#[tokio::test]
+async fn readyz_turns_503_when_shutdown_starts() {
+    let (origin, mut gw) = setup("").await;
+    let answer = connect_as(gw.addr(), "demo", "s3cret", "api.shop.example:443").await;
+    let mut tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+    let draining = gw.shutdown();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = admin_request(gw.admin(), "GET", "/readyz", None, None).await;
+        if status == 503 {
+            assert_eq!(body, b"shutting down\n");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/readyz never turned 503");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // the tunnel keeps working while the gateway drains, and the drain ends when it closes
+    assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
+    drop(tls);
+    tokio::time::timeout(WAIT, draining).await.expect("the drain did not end").unwrap();
+}
