@@ -130,12 +130,13 @@ fn explain(path: &std::path::Path, app: &str, channel: Channel, url: &str) -> Ex
 }
 
 fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
-    let config = config::load(&path).map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    let mut loader = config::Loader::new(&path);
+    let config = loader.load().map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let (log, writer) = AccessLog::start(log_format, Box::new(std::io::stdout()));
     runtime.block_on(async move {
         let apps = config.policy.app_count();
-        let gateway = Gateway::bind(config, log).await?;
+        let gateway = Gateway::bind(config, loader, log).await?;
         let addrs: Vec<String> = gateway.local_addrs().iter().map(ToString::to_string).collect();
         let admin = gateway.admin_addr().map_or_else(|| "off".to_owned(), |a| a.to_string());
         tracing::info!(listen = %addrs.join(","), admin = %admin, generation = 1, apps, config = %path.display(), "miniapp-gateway started");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::watch::{ConfigWatcher, WatchSet};
-use crate::config::{self, ConfigErrors};
+use crate::config::{self, ConfigErrors, Loader};
 use crate::metrics::Metrics;
 use crate::policy::Verdict;
 use crate::proxy::{Shared, Snapshot};
@@ -24,8 +24,9 @@ pub enum Trigger {
 
 pub struct Reloader {
     shared: Arc<Shared>,
-    /// Reloads run one at a time, so generations are assigned in order.
-    running: tokio::sync::Mutex<()>,
+    /// The loader and its cache of validated `apps_dir` files. Held for the whole reload, so
+    /// reloads run one at a time and generations are assigned in order.
+    loader: tokio::sync::Mutex<Loader>,
 }
 
 /// Set the gauges that describe the snapshot in force.
@@ -37,8 +38,8 @@ pub(crate) fn publish(metrics: &Metrics, snapshot: &Snapshot) {
 }
 
 impl Reloader {
-    pub(crate) fn new(shared: Arc<Shared>) -> Reloader {
-        Reloader { shared, running: tokio::sync::Mutex::new(()) }
+    pub(crate) fn new(shared: Arc<Shared>, loader: Loader) -> Reloader {
+        Reloader { shared, loader: tokio::sync::Mutex::new(loader) }
     }
 
     /// The generation in force.
@@ -49,10 +50,21 @@ impl Reloader {
     /// Load the config file again; swap it in and revoke what it no longer allows, or keep
     /// the running policy and return every error.
     pub async fn reload(&self, trigger: Trigger) -> Result<u64, ConfigErrors> {
-        let _one_at_a_time = self.running.lock().await;
+        let mut loader = self.loader.lock().await;
         let current = self.shared.live.load_full();
         let path = current.config.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+        // File I/O and parsing run off the async workers; the loader (with its cache) goes
+        // along and comes back.
+        let mut taken = std::mem::replace(&mut *loader, Loader::new(&path));
+        let loaded = tokio::task::spawn_blocking(move || {
+            let result = taken.load();
+            (taken, result)
+        })
+        .await
+        .map(|(returned, result)| {
+            *loader = returned;
+            result
+        });
         let mut config = match loaded {
             Ok(Ok(config)) => config,
             Ok(Err(errors)) => {

@@ -112,13 +112,37 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+pub use validate::AppsCache;
+
 /// Load and validate the config at `path` (and its `apps_dir`).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    validate::load(path)
+    Loader::new(path).load()
 }
 
 /// Validate config text as if it were the file at `path` (its `apps_dir` is still read from
 /// disk, relative to `path`).
 pub fn load_str(path: &Path, text: String) -> Result<Config, ConfigErrors> {
-    validate::load_text(path, text)
+    validate::load_text(path, text, &mut AppsCache::default())
+}
+
+/// Loads one config file again and again, re-validating only the `apps_dir` files that
+/// changed since the last load.
+#[derive(Debug)]
+pub struct Loader {
+    path: PathBuf,
+    cache: AppsCache,
+}
+
+impl Loader {
+    pub fn new(path: &Path) -> Loader {
+        Loader { path: path.to_path_buf(), cache: AppsCache::default() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn load(&mut self) -> Result<Config, ConfigErrors> {
+        validate::load(&self.path, &mut self.cache)
+    }
 }

@@ -1,9 +1,11 @@
 //! From raw TOML to a typed [`Config`], collecting every error with its file, line and column.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -22,26 +24,72 @@ const MAX_LIST_LIMIT: i64 = 10_000;
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_DOMAINS: usize = 30;
 
-pub(super) fn load(path: &Path) -> Result<Config, ConfigErrors> {
+pub(super) fn load(path: &Path, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
     match std::fs::read_to_string(path) {
-        Ok(text) => load_text(path, text),
+        Ok(text) => load_text(path, text, cache),
         Err(e) => Err(ConfigErrors(vec![file_error(path, format!("cannot read the config file: {e}"))])),
     }
 }
 
-pub(super) fn load_text(path: &Path, text: String) -> Result<Config, ConfigErrors> {
+pub(super) fn load_text(path: &Path, text: String, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
     let mut v = Validator::default();
     let main = v.add_source(path.to_path_buf(), text);
-    let Some(raw) = v.parse::<RawConfig>(main) else {
+    let Some(mut raw) = v.parse::<RawConfig>(main) else {
         return Err(v.into_errors());
     };
+    let settings = v.app_settings(main, &raw);
+    let mut apps: Vec<AppInput> =
+        std::mem::take(&mut raw.app).into_iter().map(|app| AppInput::raw(main, app)).collect();
     let apps_dir = raw.policy.apps_dir.as_ref().map(|dir| resolve_relative(path, dir.get_ref()));
-    let mut apps: Vec<(usize, RawApp)> = Vec::new();
     if let (Some(dir), Some(spanned)) = (&apps_dir, &raw.policy.apps_dir) {
-        v.read_apps_dir(main, spanned.span(), dir, &mut apps);
+        v.read_apps_dir(main, spanned.span(), dir, settings, cache, &mut apps);
     }
-    let config = v.config(main, raw, apps, apps_dir);
+    let (config, fresh) = v.config(main, raw, apps, apps_dir, settings);
+    v.update_cache(main, settings, cache, fresh);
     if v.errors.is_empty() { Ok(config) } else { Err(v.into_errors()) }
+}
+
+/// What every app's validation depends on besides its own table: a cached app is reused
+/// only while these are unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AppSettings {
+    default_action: Action,
+    max_server: usize,
+    max_webview: usize,
+}
+
+/// Apps validated from `apps_dir` files, kept between loads so that a reload parses and
+/// validates only the files whose content changed. Files are compared by a hash of their
+/// text, so editors' renames, Kubernetes' symlink swaps and clock skew make no difference.
+#[derive(Debug, Default)]
+pub struct AppsCache {
+    files: HashMap<PathBuf, CachedFile>,
+}
+
+#[derive(Debug)]
+struct CachedFile {
+    fingerprint: u64,
+    settings: AppSettings,
+    /// Each app with the span of its id, to point duplicates at it.
+    apps: Vec<(Arc<App>, Range<usize>)>,
+}
+
+/// An app to validate, or one taken validated from the cache.
+enum AppInput {
+    Raw { source: usize, app: Box<RawApp> },
+    Cached { source: usize, app: Arc<App>, id_span: Range<usize> },
+}
+
+impl AppInput {
+    fn raw(source: usize, app: RawApp) -> AppInput {
+        AppInput::Raw { source, app: Box::new(app) }
+    }
+}
+
+fn fingerprint(text: &str) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn file_error(path: &Path, message: String) -> ConfigError {
@@ -56,6 +104,8 @@ fn resolve_relative(config: &Path, relative: &str) -> PathBuf {
 struct Source {
     path: PathBuf,
     text: String,
+    /// For `apps_dir` files: the content hash the cache compares.
+    fingerprint: u64,
 }
 
 impl Source {
@@ -85,7 +135,7 @@ struct Origin {
 
 impl Validator {
     fn add_source(&mut self, path: PathBuf, text: String) -> usize {
-        self.sources.push(Source { path, text });
+        self.sources.push(Source { path, text, fingerprint: 0 });
         self.sources.len() - 1
     }
 
@@ -125,7 +175,23 @@ impl Validator {
         format!("{}:{line}:{col}", src.path.display())
     }
 
-    fn read_apps_dir(&mut self, main: usize, span: Range<usize>, dir: &Path, apps: &mut Vec<(usize, RawApp)>) {
+    fn app_settings(&mut self, main: usize, raw: &RawConfig) -> AppSettings {
+        AppSettings {
+            default_action: raw.policy.action.unwrap_or_default(),
+            max_server: self.list_limit(main, raw.policy.max_server_domains.as_ref()),
+            max_webview: self.list_limit(main, raw.policy.max_webview_domains.as_ref()),
+        }
+    }
+
+    fn read_apps_dir(
+        &mut self,
+        main: usize,
+        span: Range<usize>,
+        dir: &Path,
+        settings: AppSettings,
+        cache: &AppsCache,
+        apps: &mut Vec<AppInput>,
+    ) {
         let listing = match std::fs::read_dir(dir) {
             Ok(listing) => listing,
             Err(e) => {
@@ -142,9 +208,15 @@ impl Validator {
         for file in files {
             match std::fs::read_to_string(&file) {
                 Ok(text) => {
+                    let print = fingerprint(&text);
+                    let cached = cache.files.get(&file).filter(|c| c.fingerprint == print && c.settings == settings);
+                    let cached = cached.map(|c| c.apps.clone());
                     let source = self.add_source(file, text);
-                    if let Some(parsed) = self.parse::<RawAppsFile>(source) {
-                        apps.extend(parsed.app.into_iter().map(|app| (source, app)));
+                    self.sources[source].fingerprint = print;
+                    if let Some(cached) = cached {
+                        apps.extend(cached.into_iter().map(|(app, id_span)| AppInput::Cached { source, app, id_span }));
+                    } else if let Some(parsed) = self.parse::<RawAppsFile>(source) {
+                        apps.extend(parsed.app.into_iter().map(|app| AppInput::raw(source, app)));
                     }
                 }
                 Err(e) => {
@@ -155,19 +227,49 @@ impl Validator {
         }
     }
 
+    /// Put every `apps_dir` file that validated without an error into the cache, next to the
+    /// files that were taken from it; files that are gone or broken drop out.
+    fn update_cache(
+        &self,
+        main: usize,
+        settings: AppSettings,
+        cache: &mut AppsCache,
+        apps: Vec<(usize, Arc<App>, Range<usize>)>,
+    ) {
+        let mut broken = vec![false; self.sources.len()];
+        for (source, _, _) in &self.errors {
+            broken[*source] = true;
+        }
+        let mut files: HashMap<PathBuf, CachedFile> = HashMap::new();
+        for (source, _) in self.sources.iter().enumerate().skip(main + 1).filter(|(i, _)| !broken[*i]) {
+            let src = &self.sources[source];
+            files.insert(src.path.clone(), CachedFile { fingerprint: src.fingerprint, settings, apps: Vec::new() });
+        }
+        for (source, app, id_span) in apps {
+            if let Some(file) = files.get_mut(&self.sources[source].path)
+                && source != main
+            {
+                file.apps.push((app, id_span));
+            }
+        }
+        cache.files = files;
+    }
+
+    /// Validate everything into a [`Config`]; also returns every app with its source and id
+    /// span, for the cache.
+    #[allow(clippy::type_complexity)]
     fn config(
         &mut self,
         main: usize,
         raw: RawConfig,
-        extra_apps: Vec<(usize, RawApp)>,
+        inputs: Vec<AppInput>,
         apps_dir: Option<PathBuf>,
-    ) -> Config {
+        settings: AppSettings,
+    ) -> (Config, Vec<(usize, Arc<App>, Range<usize>)>) {
         let server = self.server(main, &raw);
         let limits = self.limits(main, &raw);
         let p = &raw.policy;
-        let default_action = p.action.unwrap_or_default();
-        let max_server = self.list_limit(main, p.max_server_domains.as_ref());
-        let max_webview = self.list_limit(main, p.max_webview_domains.as_ref());
+        let AppSettings { default_action, max_server, max_webview } = settings;
 
         let require_https = p.require_https.as_ref().is_none_or(|flag| {
             if !flag.get_ref() {
@@ -188,20 +290,27 @@ impl Validator {
         let global_allow = self.domain_list(main, p.global_allow.as_ref(), "global_allow", usize::MAX);
 
         let resolve = self.resolve(main, &raw);
-        let mut all_apps: Vec<(usize, RawApp)> = raw.app.into_iter().map(|app| (main, app)).collect();
-        all_apps.extend(extra_apps);
-        let mut apps = Vec::with_capacity(all_apps.len());
-        let mut seen: HashMap<String, Origin> = HashMap::with_capacity(all_apps.len());
-        for (source, raw_app) in &all_apps {
-            let id = raw_app.id.get_ref();
-            if let Some(first) = seen.get(id.as_str()) {
+        let mut apps: Vec<(usize, Arc<App>, Range<usize>)> = Vec::with_capacity(inputs.len());
+        let mut seen: HashMap<String, Origin> = HashMap::with_capacity(inputs.len());
+        for input in inputs {
+            let (source, id, id_span) = match &input {
+                AppInput::Raw { source, app } => (*source, app.id.get_ref().as_str(), app.id.span()),
+                AppInput::Cached { source, app, id_span } => (*source, &*app.id, id_span.clone()),
+            };
+            if let Some(first) = seen.get(id) {
                 let message = format!("duplicate app id {id:?} (first defined at {})", self.location(first));
-                self.error(*source, raw_app.id.span(), message);
+                self.error(source, id_span, message);
                 continue;
             }
-            seen.insert(id.clone(), Origin { source: *source, offset: raw_app.id.span().start });
-            if let Some(app) = self.app(*source, raw_app, default_action, max_server, max_webview) {
-                apps.push(app);
+            seen.insert(id.to_owned(), Origin { source, offset: id_span.start });
+            let app = match input {
+                AppInput::Cached { app, .. } => Some(app),
+                AppInput::Raw { app, .. } => {
+                    self.app(source, &app, default_action, max_server, max_webview).map(Arc::new)
+                }
+            };
+            if let Some(app) = app {
+                apps.push((source, app, id_span));
             }
         }
 
@@ -250,7 +359,7 @@ impl Validator {
             block_private_addresses: p.block_private_addresses.unwrap_or(true),
             resolve,
         };
-        Config {
+        let config = Config {
             generation: 0,
             path: self.sources[main].path.clone(),
             apps_dir,
@@ -259,8 +368,9 @@ impl Validator {
             listeners,
             require_https,
             verify_tls,
-            policy: Policy::new(apps, rules),
-        }
+            policy: Policy::new(apps.iter().map(|(_, app, _)| app.clone()), rules),
+        };
+        (config, apps)
     }
 
     fn server(&mut self, main: usize, raw: &RawConfig) -> Server {
@@ -480,7 +590,7 @@ mod tests {
     use super::*;
 
     fn errors(text: &str) -> Vec<String> {
-        match load_text(Path::new("gw.toml"), text.to_owned()) {
+        match load_text(Path::new("gw.toml"), text.to_owned(), &mut AppsCache::default()) {
             Ok(_) => vec![],
             Err(e) => e.0.iter().map(ToString::to_string).collect(),
         }
@@ -488,7 +598,7 @@ mod tests {
 
     #[test]
     fn an_empty_file_is_a_valid_config_with_defaults() {
-        let config = load_text(Path::new("gw.toml"), String::new()).unwrap();
+        let config = load_text(Path::new("gw.toml"), String::new(), &mut AppsCache::default()).unwrap();
         assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.limits.max_connections, 10_000);
         assert_eq!(config.policy.app_count(), 0);
@@ -554,7 +664,7 @@ id = "demo"
     #[test]
     fn resolve_overrides_are_parsed() {
         let text = "[resolve]\n\"API.shop.example\" = \"127.0.0.1:9443\"\n\"img.shop.example:8443\" = \"::1\"\n";
-        let config = load_text(Path::new("gw.toml"), text.to_owned()).unwrap();
+        let config = load_text(Path::new("gw.toml"), text.to_owned(), &mut AppsCache::default()).unwrap();
         assert_eq!(config.policy.resolve_override("api.shop.example", 443), Some("127.0.0.1:9443".parse().unwrap()));
         assert_eq!(config.policy.resolve_override("img.shop.example", 8443), Some("[::1]:8443".parse().unwrap()));
         assert_eq!(config.policy.resolve_override("img.shop.example", 443), None);
@@ -572,11 +682,73 @@ id = "demo"
         std::fs::write(dir.path().join("apps/notes.txt"), "not toml").unwrap();
         let main = dir.path().join("gateway.toml");
         std::fs::write(&main, "[policy]\napps_dir = \"apps\"\n").unwrap();
-        let err = load(&main).unwrap_err();
+        let err = load(&main, &mut AppsCache::default()).unwrap_err();
         assert_eq!(err.0.len(), 1);
         assert!(err.0[0].to_string().contains("b.toml:2:6: duplicate app id \"a\" (first defined at "), "{err}");
         std::fs::remove_file(dir.path().join("apps/b.toml")).unwrap();
-        let config = load(&main).unwrap();
+        let config = load(&main, &mut AppsCache::default()).unwrap();
         assert_eq!(config.policy.app_count(), 1);
+    }
+
+    fn apps_dir_fixture() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("apps")).unwrap();
+        for name in ["a", "b", "c"] {
+            let text =
+                format!("[[app]]\nid = \"{name}\"\nserver_domains = [\"{name}.example\", \"x.{name}.example\"]\n");
+            std::fs::write(dir.path().join(format!("apps/{name}.toml")), text).unwrap();
+        }
+        let main = dir.path().join("gateway.toml");
+        std::fs::write(&main, "[policy]\napps_dir = \"apps\"\n").unwrap();
+        (dir, main)
+    }
+
+    fn app_ptr(config: &Config, id: &str) -> *const App {
+        config.policy.app(id).unwrap()
+    }
+
+    #[test]
+    fn a_reload_reuses_the_apps_of_unchanged_files() {
+        let (dir, main) = apps_dir_fixture();
+        let mut cache = AppsCache::default();
+        let first = load(&main, &mut cache).unwrap();
+        std::fs::write(dir.path().join("apps/b.toml"), "[[app]]\nid = \"b\"\nserver_domains = [\"new.example\"]\n")
+            .unwrap();
+        let second = load(&main, &mut cache).unwrap();
+        assert_eq!(app_ptr(&first, "a"), app_ptr(&second, "a"), "unchanged: the validated app is reused");
+        assert_eq!(app_ptr(&first, "c"), app_ptr(&second, "c"));
+        assert_ne!(app_ptr(&first, "b"), app_ptr(&second, "b"), "changed: validated again");
+        assert_eq!(second.policy.app("b").unwrap().server_domains.entries()[0].to_string(), "new.example");
+        std::fs::remove_file(dir.path().join("apps/c.toml")).unwrap();
+        let third = load(&main, &mut cache).unwrap();
+        assert!(third.policy.app("c").is_none());
+        assert_eq!(cache.files.len(), 2);
+    }
+
+    #[test]
+    fn the_cache_never_hides_an_error() {
+        let (dir, main) = apps_dir_fixture();
+        let mut cache = AppsCache::default();
+        load(&main, &mut cache).unwrap();
+        // a limit the cached apps break
+        std::fs::write(&main, "[policy]\napps_dir = \"apps\"\nmax_server_domains = 1\n").unwrap();
+        assert_eq!(load(&main, &mut cache).unwrap_err().0.len(), 3);
+        std::fs::write(&main, "[policy]\napps_dir = \"apps\"\n").unwrap();
+        load(&main, &mut cache).unwrap();
+        // a new file that repeats a cached id
+        std::fs::write(dir.path().join("apps/d.toml"), "[[app]]\nid = \"a\"\n").unwrap();
+        let err = load(&main, &mut cache).unwrap_err();
+        assert!(err.to_string().contains("d.toml:2:6: duplicate app id \"a\" (first defined at "), "{err}");
+        std::fs::remove_file(dir.path().join("apps/d.toml")).unwrap();
+        // a broken file is not cached: it fails until it is fixed
+        std::fs::write(
+            dir.path().join("apps/b.toml"),
+            "[[app]]\nid = \"b\"\nserver_domains = [\"http://b.example\"]\n",
+        )
+        .unwrap();
+        assert!(load(&main, &mut cache).is_err());
+        assert!(load(&main, &mut cache).is_err());
+        std::fs::write(dir.path().join("apps/b.toml"), "[[app]]\nid = \"b\"\n").unwrap();
+        assert!(load(&main, &mut cache).is_ok());
     }
 }

@@ -15,6 +15,7 @@ pub mod target;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -374,24 +375,24 @@ pub struct GlobalRules {
 /// An immutable, validated policy snapshot.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    apps: HashMap<Box<str>, App>,
+    apps: HashMap<Box<str>, Arc<App>>,
     rules: GlobalRules,
 }
 
 impl Policy {
     /// Build a policy from validated parts. Validation (duplicate ids, a fallback that names
     /// an app) is the config module's job; here a dangling fallback simply refuses.
-    pub fn new(apps: Vec<App>, rules: GlobalRules) -> Self {
+    pub fn new(apps: impl IntoIterator<Item = Arc<App>>, rules: GlobalRules) -> Self {
         let apps = apps.into_iter().map(|app| (app.id.clone(), app)).collect();
         Policy { apps, rules }
     }
 
     pub fn app(&self, id: &str) -> Option<&App> {
-        self.apps.get(id)
+        self.apps.get(id).map(|app| &**app)
     }
 
     pub fn apps(&self) -> impl Iterator<Item = &App> {
-        self.apps.values()
+        self.apps.values().map(|app| &**app)
     }
 
     pub fn app_count(&self) -> usize {
@@ -410,7 +411,10 @@ impl Policy {
 
     /// The app whose rules govern `app_id`: itself, or the `unknown_app` fallback.
     pub fn effective_app(&self, app_id: &str) -> Option<&App> {
-        self.apps.get(app_id).or_else(|| self.rules.unknown_app.as_deref().and_then(|id| self.apps.get(id)))
+        self.apps
+            .get(app_id)
+            .or_else(|| self.rules.unknown_app.as_deref().and_then(|id| self.apps.get(id)))
+            .map(|app| &**app)
     }
 
     /// Decide a CONNECT by an identified app, before any network I/O.

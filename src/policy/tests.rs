@@ -22,11 +22,12 @@ fn app(id: &str, action: Action, server: &[&str], webview: &[&str]) -> App {
 
 fn policy(unknown_app: Option<&str>) -> Policy {
     Policy::new(
-        vec![
+        [
             app("demo", Action::Enforce, &["https://api.shop.example", "*.cdn.shop.example"], &[".shop.example"]),
             app("watch", Action::Report, &["api.shop.example"], &[]),
             app("free", Action::Open, &["api.shop.example"], &[]),
-        ],
+        ]
+        .map(Arc::new),
         GlobalRules {
             global_deny: list(&["bad.shop.example", "*.tracker.example"]),
             global_allow: list(&["status.example"]),
@@ -160,7 +161,7 @@ fn api_calls_follow_the_api_whitelist_and_the_action() {
         app("free", Action::Open, &[], &[]),
     ];
     apps[0].api_whitelist.insert("shop.pay".into());
-    let p = Policy::new(apps, policy(None).rules.clone());
+    let p = Policy::new(apps.into_iter().map(Arc::new), policy(None).rules.clone());
     assert_eq!(p.decide_api("demo", "shop.pay"), Some((Verdict::Allow, ApiReason::ApiWhitelisted)));
     assert_eq!(p.decide_api("demo", "shop.refund"), Some((Verdict::Deny, ApiReason::ApiNotWhitelisted)));
     assert_eq!(p.decide_api("watch", "shop.refund"), Some((Verdict::Report, ApiReason::ApiNotWhitelisted)));

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord};
-use crate::config::{Config, ListenerSpec};
+use crate::config::{Config, ListenerSpec, Loader};
 use crate::metrics::{Metrics, RequestCounters};
 use crate::policy::{Channel, Reason, Target, Verdict};
 use crate::reload::Reloader;
@@ -125,8 +125,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Bind every listener of `config` and make it generation 1.
-    pub async fn bind(mut config: Config, log: AccessLog) -> io::Result<Gateway> {
+    /// Bind every listener of `config` and make it generation 1. `loader` is what loaded it;
+    /// reloads go through it (and its cache).
+    pub async fn bind(mut config: Config, loader: Loader, log: AccessLog) -> io::Result<Gateway> {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for spec in &config.listeners {
             listeners.push((bind(spec.listen).await?, spec.clone()));
@@ -155,7 +156,7 @@ impl Gateway {
             overloaded_response: response::overloaded_bytes(),
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         });
-        let reloader = Arc::new(Reloader::new(shared.clone()));
+        let reloader = Arc::new(Reloader::new(shared.clone(), loader));
         Ok(Gateway { shared, listeners, admin, permits, reloader })
     }
 

@@ -203,10 +203,11 @@ impl TestGateway {
 
     /// Start a gateway on the config file at `path` inside `dir`.
     pub async fn start_at(dir: tempfile::TempDir, path: std::path::PathBuf) -> TestGateway {
-        let config = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let mut loader = config::Loader::new(&path);
+        let config = loader.load().unwrap_or_else(|e| panic!("{e}"));
         let log = LogBuffer::default();
         let (access_log, _writer) = AccessLog::start(LogFormat::Json, Box::new(log.clone()));
-        let gateway = Gateway::bind(config, access_log).await.unwrap();
+        let gateway = Gateway::bind(config, loader, access_log).await.unwrap();
         let addrs = gateway.local_addrs();
         let admin = gateway.admin_addr();
         let reloader = gateway.reloader();

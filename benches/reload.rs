@@ -1,0 +1,74 @@
+//! Reloading a 10,000-app `apps_dir` (one file per app, 30 server + 30 webview entries each):
+//! from scratch, and after one app's file changed (the loader re-validates only that file).
+//! Both include building the serving snapshot.
+//!
+//! Run: `cargo bench --bench reload`
+
+use std::fmt::Write;
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use miniapp_gateway::config::Loader;
+use miniapp_gateway::metrics::Metrics;
+use miniapp_gateway::proxy::Snapshot;
+
+const APPS: usize = 10_000;
+
+fn app_file(a: usize, variant: usize) -> String {
+    let mut text = format!("[[app]]\nid = \"app{a}\"\nserver_domains = [");
+    for e in 0..30 {
+        match e % 3 {
+            0 => write!(text, "\"https://api{e}.v{variant}.tenant{a}.example\", "),
+            1 => write!(text, "\"*.cdn{e}.tenant{a}.example\", "),
+            _ => write!(text, "{{ domain = \"https://.svc{e}.tenant{a}.example:8443\", remark = \"service {e}\" }}, "),
+        }
+        .unwrap();
+    }
+    text.push_str("]\nwebview_domains = [");
+    for e in 0..30 {
+        write!(text, "\"*.h5-{e}.tenant{a}.example\", ").unwrap();
+    }
+    text.push_str("]\n");
+    text
+}
+
+fn fixture(dir: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir.join("apps")).unwrap();
+    for a in 0..APPS {
+        std::fs::write(dir.join(format!("apps/app{a:05}.toml")), app_file(a, 0)).unwrap();
+    }
+    let main = dir.join("gateway.toml");
+    std::fs::write(&main, "[policy]\napps_dir = \"apps\"\n").unwrap();
+    main
+}
+
+fn reload(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let main = fixture(dir.path());
+    let metrics = Metrics::new();
+    let mut group = c.benchmark_group("reload_10000_apps");
+    group.sample_size(10);
+    group.bench_function("full", |b| {
+        b.iter(|| {
+            let config = Loader::new(&main).load().expect("valid");
+            black_box(Snapshot::new(config, &metrics))
+        })
+    });
+    let mut loader = Loader::new(&main);
+    loader.load().expect("valid");
+    let changed = dir.path().join("apps/app04242.toml");
+    let mut variant = 0;
+    group.bench_function("one_app_changed", |b| {
+        b.iter(|| {
+            variant += 1;
+            std::fs::write(&changed, app_file(4242, variant)).unwrap();
+            let config = loader.load().expect("valid");
+            black_box(Snapshot::new(config, &metrics))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, reload);
+criterion_main!(benches);
