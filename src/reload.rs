@@ -91,7 +91,7 @@ impl Reloader {
             || config.server.admin_listen != current.config.server.admin_listen
             || config.limits.max_connections != current.config.limits.max_connections
         {
-            tracing::warn!("listen addresses, listener bindings and max_connections change only on restart");
+            tracing::warn!(old = ?(&current.config.listeners, current.config.server.admin_listen, current.config.limits.max_connections), new = ?(&config.listeners, config.server.admin_listen, config.limits.max_connections), "listen addresses, listener bindings and max_connections change only on restart");
         }
         config.generation = current.config.generation + 1;
         let generation = config.generation;
