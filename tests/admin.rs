@@ -83,10 +83,18 @@ async fn counters_move_by_exactly_the_requests_made() {
     }
     assert_eq!(connect(gw.addr(), "api.shop.example:443", &[]).await.reason(), "auth_required");
     assert_eq!(connect_as(gw.addr(), "demo", "wrong", "api.shop.example:443").await.reason(), "bad_credentials");
-    assert_eq!(connect_as(gw.addr(), "watch", "x", "api.shop.example:443").await.reason(), "not_whitelisted");
+    let watched = connect_as(gw.addr(), "watch", "x", "api.shop.example:443").await;
+    assert_eq!(watched.reason(), "not_whitelisted");
+    let mut tls = tls_over(watched.stream, &origin.ca, "api.shop.example").await;
+    assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
+    drop(tls);
     let webview = [("Proxy-Authorization", basic("demo", "s3cret")), ("X-Miniapp-Channel", "webview".to_owned())];
     let headers: Vec<(&str, &str)> = webview.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    assert_eq!(connect(gw.addr(), "api.shop.example:443", &headers).await.reason(), "whitelisted");
+    let answer = connect(gw.addr(), "api.shop.example:443", &headers).await;
+    assert_eq!(answer.reason(), "whitelisted");
+    let mut tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+    assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
+    drop(tls);
 
     let expect = [
         (r#"{app="demo",channel="request",decision="allow",reason="whitelisted"}"#, 3.0),
@@ -96,6 +104,8 @@ async fn counters_move_by_exactly_the_requests_made() {
         (r#"{app="watch",channel="request",decision="report",reason="not_whitelisted"}"#, 1.0),
         (r#"{app="demo",channel="webview",decision="allow",reason="whitelisted"}"#, 1.0),
     ];
+    // a tunnel's decision is counted once its TLS check has passed
+    gw.wait_metric(&format!("gateway_requests_total{}", expect[5].0), 1.0).await;
     let (_, _, body) = admin_request(gw.admin(), "GET", "/metrics", None, None).await;
     let text = String::from_utf8(body).unwrap();
     for (labels, value) in expect {

@@ -4,13 +4,24 @@
 //! in 1–65535, userinfo and paths are refused, and the host is classified (name or address)
 //! and normalized here, once.
 
-use super::host::{Host, HostError, parse_host};
+use super::host::{Host, HostError, normalize_host, parse_host};
 
 /// A parsed, normalized CONNECT target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target<'a> {
     pub host: Host<'a>,
     pub port: u16,
+}
+
+impl Target<'_> {
+    /// Whether a TLS ClientHello's server name (SNI) names this target's host. An IP target
+    /// never matches: SNI cannot carry an address.
+    pub fn is_named_by(&self, server_name: Option<&str>) -> bool {
+        match (&self.host, server_name.map(normalize_host)) {
+            (Host::Name(host), Some(Ok(sni))) => *host == sni,
+            _ => false,
+        }
+    }
 }
 
 /// Why a CONNECT target was refused as malformed.
@@ -74,6 +85,20 @@ mod tests {
         assert_eq!(t.host, Host::Ip("::1".parse::<IpAddr>().unwrap()));
         let t = parse_authority("127.0.0.1:443").unwrap();
         assert_eq!(t.host, Host::Ip("127.0.0.1".parse::<IpAddr>().unwrap()));
+    }
+
+    #[test]
+    fn server_names_are_compared_normalized() {
+        let t = parse_authority("api.shop.example:443").unwrap();
+        assert!(t.is_named_by(Some("api.shop.example")));
+        assert!(t.is_named_by(Some("API.shop.example.")));
+        assert!(!t.is_named_by(Some("cdn.shop.example")));
+        assert!(!t.is_named_by(Some("api.shop.example.evil.example")));
+        assert!(!t.is_named_by(None));
+        let ip = parse_authority("93.184.216.34:443").unwrap();
+        assert!(!ip.is_named_by(Some("93.184.216.34")));
+        let idn = parse_authority("xn--bcher-kva.example:443").unwrap();
+        assert!(idn.is_named_by(Some("bücher.example")));
     }
 
     #[test]

@@ -7,13 +7,16 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::client_hello::{Peek, read_client_hello};
 use super::response::{self, Body};
 use super::tunnel::{self, ByteCounters, Closed, Stops, Transferred};
 use super::upstream::dial;
@@ -21,7 +24,7 @@ use super::{ConnectionSlot, OpenTunnel, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::config::Binding;
 use crate::identity::{IdentityError, identify};
-use crate::policy::{Channel, Reason, Target, Verdict, parse_authority};
+use crate::policy::{Action, Channel, Reason, Target, Verdict, parse_authority};
 
 /// Per-connection context shared by the requests a keep-alive connection carries.
 pub(crate) struct ConnContext {
@@ -174,10 +177,7 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         };
     let metrics = &ctx.shared.metrics;
     metrics.upstream_connect_duration.observe(dial_started.elapsed().as_secs_f64());
-    attempt.count(decision.verdict, decision.reason);
-
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let revoke = CancellationToken::new();
     let tunnel = Tunnel {
         record: attempt.record(decision.verdict, decision.reason, rule, 200),
         upstream_addr,
@@ -188,44 +188,100 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         app: identity.app.clone(),
         channel: identity.channel,
         target: Target { host: target.host.into_owned(), port: target.port },
-        revoke: revoke.clone(),
+        revoke: CancellationToken::new(),
     };
-    let shared = ctx.shared.clone();
-    let slot = ctx.slot.clone();
-    let idle = config.limits.idle_timeout;
-    ctx.shared.tracker.spawn(async move {
-        let _slot = slot;
-        let id = shared.register_tunnel(open);
-        shared.metrics.tunnels_active.inc();
-        let bytes = ByteCounters {
-            upstream: shared.metrics.bytes_upstream.clone(),
-            downstream: shared.metrics.bytes_downstream.clone(),
-        };
-        let (closed, moved) = match on_upgrade.await {
-            Ok(upgraded) => {
-                let stops = Stops { abort: &shared.abort, revoke: &revoke };
-                tunnel::splice(TokioIo::new(upgraded), upstream, idle, stops, &bytes).await
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "client went away before the tunnel started");
-                (Closed::Finished, Transferred::default())
-            }
-        };
-        shared.tunnels.remove(&id);
-        shared.metrics.tunnels_active.dec();
-        shared.metrics.tunnel_duration.observe(tunnel.started.elapsed().as_secs_f64());
-        if closed == Closed::Revoked {
-            let snapshot = shared.live.load();
-            snapshot.counters.count(
-                tunnel.counted_app.as_deref(),
-                tunnel.record.channel,
-                Verdict::Deny,
-                Reason::Revoked,
-            );
-        }
-        shared.log.record(tunnel.finish(closed, moved));
-    });
+    let settings = TunnelSettings {
+        idle: config.limits.idle_timeout,
+        verify_tls: config.verify_tls,
+        hello_timeout: config.limits.header_timeout,
+        report_mode: decision.app.is_some_and(|app| app.action == Action::Report),
+    };
+    let job = run_tunnel(ctx.shared.clone(), ctx.slot.clone(), on_upgrade, upstream, tunnel, open, settings);
+    ctx.shared.tracker.spawn(job);
     response::established(decision.verdict, decision.reason)
+}
+
+/// What a tunnel task needs from the config it was decided under.
+struct TunnelSettings {
+    idle: Duration,
+    verify_tls: bool,
+    /// How long the client has to send its ClientHello (the header timeout).
+    hello_timeout: Duration,
+    /// The app is in `report` mode: TLS check failures are recorded, not enforced.
+    report_mode: bool,
+}
+
+/// After `200`: check the client's ClientHello, forward it, splice, and log the tunnel once
+/// it ends. The decision is counted here, once its TLS check has settled it.
+async fn run_tunnel(
+    shared: Arc<Shared>,
+    _slot: Arc<ConnectionSlot>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    mut upstream: TcpStream,
+    mut tunnel: Tunnel,
+    open: OpenTunnel,
+    settings: TunnelSettings,
+) {
+    let mut client = match on_upgrade.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        Err(e) => {
+            tracing::debug!(error = %e, "client went away before the tunnel started");
+            tunnel.count(&shared);
+            shared.log.record(tunnel.finish(Closed::Finished, Transferred::default()));
+            return;
+        }
+    };
+    let mut hello = Vec::new();
+    if settings.verify_tls {
+        let (bytes, peek) = read_client_hello(&mut client, settings.hello_timeout).await;
+        let refusal = match peek {
+            Peek::Hello { server_name } if open.target.is_named_by(server_name.as_deref()) => None,
+            Peek::Hello { .. } => Some(Reason::SniMismatch),
+            Peek::NotTls | Peek::NeedMore => Some(Reason::NotTls),
+        };
+        match refusal {
+            None => {}
+            Some(reason) if settings.report_mode => {
+                if tunnel.record.decision == Verdict::Allow {
+                    tunnel.record.decision = Verdict::Report;
+                    tunnel.record.reason = reason;
+                }
+            }
+            Some(reason) => {
+                tunnel.record.decision = Verdict::Deny;
+                tunnel.record.reason = reason;
+                tunnel.count(&shared);
+                shared.log.record(tunnel.finish(Closed::TlsCheck, Transferred::default()));
+                return;
+            }
+        }
+        hello = bytes;
+    }
+    tunnel.count(&shared);
+    let revoke = open.revoke.clone();
+    let id = shared.register_tunnel(open);
+    shared.metrics.tunnels_active.inc();
+    let bytes = ByteCounters {
+        upstream: shared.metrics.bytes_upstream.clone(),
+        downstream: shared.metrics.bytes_downstream.clone(),
+    };
+    let (closed, mut moved) = if let Err(e) = upstream.write_all(&hello).await {
+        tracing::debug!(error = %e, "upstream went away before the ClientHello");
+        (Closed::Finished, Transferred::default())
+    } else {
+        bytes.upstream.inc_by(hello.len() as u64);
+        let stops = Stops { abort: &shared.abort, revoke: &revoke };
+        tunnel::splice(client, upstream, settings.idle, stops, &bytes).await
+    };
+    moved.up += hello.len() as u64;
+    shared.tunnels.remove(&id);
+    shared.metrics.tunnels_active.dec();
+    shared.metrics.tunnel_duration.observe(tunnel.started.elapsed().as_secs_f64());
+    if closed == Closed::Revoked {
+        let snapshot = shared.live.load();
+        snapshot.counters.count(tunnel.counted_app.as_deref(), tunnel.record.channel, Verdict::Deny, Reason::Revoked);
+    }
+    shared.log.record(tunnel.finish(closed, moved));
 }
 
 /// An established tunnel's log line, completed when it closes.
@@ -237,6 +293,13 @@ struct Tunnel {
 }
 
 impl Tunnel {
+    /// Count the tunnel's decision as it stands.
+    fn count(&self, shared: &Shared) {
+        let snapshot = shared.live.load();
+        let record = &self.record;
+        snapshot.counters.count(self.counted_app.as_deref(), record.channel, record.decision, record.reason);
+    }
+
     fn finish(mut self, closed: Closed, moved: Transferred) -> AccessRecord {
         self.record.ts = SystemTime::now();
         self.record.upstream = Some(self.upstream_addr);

@@ -7,6 +7,7 @@
 //! by hyper's HTTP/1.1 server with upgrades, and each request goes through
 //! [`connect::handle`] against one [`Snapshot`] of the live config.
 
+pub mod client_hello;
 mod connect;
 pub mod response;
 pub mod tunnel;

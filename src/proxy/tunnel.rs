@@ -25,6 +25,8 @@ pub enum Closed {
     Shutdown,
     /// A reload took away the permission the tunnel was opened under.
     Revoked,
+    /// The client's first bytes were not a TLS ClientHello for the CONNECT host.
+    TlsCheck,
 }
 
 impl Closed {
@@ -34,6 +36,7 @@ impl Closed {
             Closed::IdleTimeout => "idle_timeout",
             Closed::Shutdown => "shutdown",
             Closed::Revoked => "revoked",
+            Closed::TlsCheck => "tls_check",
         }
     }
 }

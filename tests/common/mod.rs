@@ -34,6 +34,8 @@ pub struct Origin {
     pub connections: Arc<AtomicUsize>,
     /// TLS handshakes completed.
     pub handshakes: Arc<AtomicUsize>,
+    /// Raw bytes received on every connection, before TLS.
+    pub bytes_received: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -70,13 +72,15 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let handshakes = Arc::new(AtomicUsize::new(0));
-        let (c, h) = (connections.clone(), handshakes.clone());
+        let bytes_received = Arc::new(AtomicUsize::new(0));
+        let (c, h, b) = (connections.clone(), handshakes.clone(), bytes_received.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 c.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let h = h.clone();
+                let stream = Counting { inner: stream, count: b.clone() };
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(stream).await {
                         h.fetch_add(1, Ordering::SeqCst);
@@ -85,7 +89,48 @@ impl Origin {
                 });
             }
         });
-        Origin { addr, ca: cert, connections, handshakes, task }
+        Origin { addr, ca: cert, connections, handshakes, bytes_received, task }
+    }
+}
+
+/// A stream that counts the bytes read from it.
+pub struct Counting<S> {
+    pub inner: S,
+    pub count: Arc<AtomicUsize>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.count.fetch_add(buf.filled().len() - before, Ordering::SeqCst);
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -379,21 +424,48 @@ pub async fn connect_as(proxy: SocketAddr, app: &str, token: &str, target: &str)
 }
 
 /// Speak TLS for `server_name` over an established tunnel.
-pub async fn tls_over(
-    stream: TcpStream,
+pub async fn tls_over<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
     ca: &CertificateDer<'static>,
     server_name: &str,
-) -> tokio_rustls::client::TlsStream<TcpStream> {
+) -> tokio_rustls::client::TlsStream<S> {
+    tls_with(stream, client_config(ca, None), server_name).await
+}
+
+/// A TLS client config trusting `ca`, optionally presenting a client certificate.
+pub fn client_config(
+    ca: &CertificateDer<'static>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    }
+}
+
+/// Complete a TLS handshake for `server_name` over `stream` with `config`.
+pub async fn tls_with<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    config: rustls::ClientConfig,
+    server_name: &str,
+) -> tokio_rustls::client::TlsStream<S> {
+    try_tls_with(stream, config, server_name).await.unwrap()
+}
+
+pub async fn try_tls_with<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    config: rustls::ClientConfig,
+    server_name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = ServerName::try_from(server_name.to_owned()).unwrap();
-    tokio::time::timeout(WAIT, connector.connect(name, stream)).await.unwrap().unwrap()
+    tokio::time::timeout(WAIT, connector.connect(name, stream)).await.unwrap()
 }
 
 /// One HTTP/1.1 request over a TLS stream; returns the response body.

@@ -1,0 +1,147 @@
+//! Only real TLS to the host named goes through: the first bytes of every tunnel are checked
+//! before any of them reach the origin.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+fn config(origin: std::net::SocketAddr, policy: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[policy]
+{policy}
+
+[resolve]
+"api.shop.example" = "{origin}"
+"img.shop.example" = "{origin}"
+
+[[app]]
+id = "demo"
+server_domains = ["api.shop.example", "img.shop.example"]
+
+[[app]]
+id = "watch"
+action = "report"
+server_domains = ["api.shop.example"]
+"#
+    )
+}
+
+async fn setup(policy: &str) -> (Origin, TestGateway) {
+    let origin = Origin::start(&["api.shop.example", "img.shop.example"]).await;
+    let gw = TestGateway::start(&config(origin.addr, policy)).await;
+    (origin, gw)
+}
+
+/// Wait until the gateway closes the tunnel; panics if it stays open.
+async fn closed_by_gateway<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("the tunnel stayed open") {
+            Ok(0) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn plaintext_in_a_tunnel_never_reaches_the_origin() {
+    let (origin, gw) = setup("").await;
+    let mut answer = connect_as(gw.addr(), "demo", "x", "api.shop.example:443").await;
+    assert_eq!(answer.status, 200);
+    answer.stream.write_all(b"GET / HTTP/1.1\r\nHost: api.shop.example\r\n\r\n").await.unwrap();
+    closed_by_gateway(&mut answer.stream).await;
+    let line = gw.log.wait_for(|l| l["reason"] == "not_tls").await;
+    assert_eq!((line["decision"].as_str(), line["closed_by"].as_str()), (Some("deny"), Some("tls_check")));
+    assert_eq!(line["bytes_up"], 0);
+    assert_eq!(origin.bytes_received.load(Ordering::SeqCst), 0, "a plaintext byte reached the origin");
+    assert_eq!(origin.handshakes.load(Ordering::SeqCst), 0);
+    let sample = r#"gateway_requests_total{app="demo",channel="request",decision="deny",reason="not_tls"}"#;
+    assert_eq!(gw.metric(sample).await, 1.0);
+    let allowed = r#"gateway_requests_total{app="demo",channel="request",decision="allow",reason="whitelisted"}"#;
+    assert_eq!(gw.metric(allowed).await, 0.0, "the tunnel is counted once, as refused");
+}
+
+#[tokio::test]
+async fn tls_for_another_host_is_cut_before_the_origin_sees_a_client_hello() {
+    let (origin, gw) = setup("").await;
+    let answer = connect_as(gw.addr(), "demo", "x", "api.shop.example:443").await;
+    assert_eq!(answer.status, 200);
+    // domain fronting: the CONNECT names one allowed host, the TLS another
+    let fronted = try_tls_with(answer.stream, client_config(&origin.ca, None), "img.shop.example").await;
+    assert!(fronted.is_err(), "the handshake must not complete");
+    let line = gw.log.wait_for(|l| l["reason"] == "sni_mismatch").await;
+    assert_eq!(line["decision"], "deny");
+    assert_eq!(origin.bytes_received.load(Ordering::SeqCst), 0, "the ClientHello reached the origin");
+}
+
+/// A stream that writes at most one byte per write, so every byte is its own TCP segment.
+struct Trickle<S>(S);
+
+impl<S: AsyncRead + Unpin> AsyncRead for Trickle<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Trickle<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let one = &buf[..buf.len().min(1)];
+        Pin::new(&mut self.0).poll_write(cx, one)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_client_hello_sent_one_byte_at_a_time_passes() {
+    let (origin, gw) = setup("").await;
+    let answer = connect_as(gw.addr(), "demo", "x", "api.shop.example:443").await;
+    answer.stream.set_nodelay(true).unwrap();
+    let mut tls = tls_over(Trickle(answer.stream), &origin.ca, "api.shop.example").await;
+    assert_eq!(https_request(&mut tls, "GET", "/bytes/3000", b"").await.len(), 3000);
+    assert_eq!(origin.handshakes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn report_mode_records_the_failure_and_lets_it_through() {
+    let (origin, gw) = setup("").await;
+    let mut answer = connect_as(gw.addr(), "watch", "x", "api.shop.example:443").await;
+    assert_eq!((answer.status, answer.reason()), (200, "whitelisted"));
+    answer.stream.write_all(b"plain words").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while origin.bytes_received.load(Ordering::SeqCst) < 11 {
+        assert!(tokio::time::Instant::now() < deadline, "report mode did not pass the bytes on");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(answer);
+    let line = gw.log.wait_for(|l| l["app"] == "watch").await;
+    assert_eq!((line["decision"].as_str(), line["reason"].as_str()), (Some("report"), Some("not_tls")));
+    assert_eq!(line["bytes_up"], 11);
+}
+
+#[tokio::test]
+async fn with_verify_tls_off_the_tunnel_is_not_inspected() {
+    let (origin, gw) = setup("verify_tls = false").await;
+    let mut answer = connect_as(gw.addr(), "demo", "x", "api.shop.example:443").await;
+    answer.stream.write_all(b"plain words").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while origin.bytes_received.load(Ordering::SeqCst) < 11 {
+        assert!(tokio::time::Instant::now() < deadline, "the bytes did not pass");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
