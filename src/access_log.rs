@@ -141,10 +141,17 @@ impl AccessLog {
         let thread = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
+                // Each line is formatted whole and written in one call, so readers of a pipe
+                // (and of a file being appended to) never see half a record.
+                let mut line = Vec::with_capacity(512);
                 while let Some(record) = rx.blocking_recv() {
-                    let mut write = |record: &AccessRecord| match format {
-                        LogFormat::Json => record.write_json(&mut out),
-                        LogFormat::Text => record.write_text(&mut out),
+                    let mut write = |record: &AccessRecord| {
+                        line.clear();
+                        match format {
+                            LogFormat::Json => record.write_json(&mut line)?,
+                            LogFormat::Text => record.write_text(&mut line)?,
+                        }
+                        out.write_all(&line)
                     };
                     let mut result = write(&record);
                     while let Ok(more) = rx.try_recv() {

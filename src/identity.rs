@@ -1,9 +1,10 @@
 //! Who is asking: the app and channel of a CONNECT.
 //!
 //! The first source that applies wins: a listener bound to an app (`[[listener]]` with
-//! `app`), then `Proxy-Authorization: Basic base64(APPID:TOKEN)`. Verified client
-//! certificates slot in between the two as another [`Binding`] source. The channel is fixed
-//! by a binding, or taken from `X-Miniapp-Channel`, or `request`.
+//! `app`), then a verified client certificate ([`CertIdentity`]), then
+//! `Proxy-Authorization: Basic base64(APPID:TOKEN)`. The channel is fixed by a listener
+//! binding or a `miniapp://APPID/CHANNEL` certificate, else taken from `X-Miniapp-Channel`,
+//! else `request`.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -37,15 +38,36 @@ pub enum IdentityError {
     BadChannel,
 }
 
-/// Establish the identity of a request on a listener with an optional fixed `binding`.
-pub fn identify(binding: Option<&Binding>, headers: &HeaderMap, policy: &Policy) -> Result<Identity, IdentityError> {
+/// The app a verified client certificate names, and the channel if it fixes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    pub app: Box<str>,
+    pub channel: Option<Channel>,
+}
+
+/// Establish the identity of a request on a listener with an optional fixed `binding`, over
+/// a connection whose client certificate (if any, and verified) named `cert`.
+pub fn identify(
+    binding: Option<&Binding>,
+    cert: Option<&CertIdentity>,
+    headers: &HeaderMap,
+    policy: &Policy,
+) -> Result<Identity, IdentityError> {
     if let Some(binding) = binding {
         return Ok(Identity { app: binding.app.clone(), channel: binding.channel });
     }
-    let channel = match headers.get(CHANNEL_HEADER) {
-        None => Channel::Request,
-        Some(value) => value.to_str().ok().and_then(Channel::parse).ok_or(IdentityError::BadChannel)?,
+    let header_channel = || match headers.get(CHANNEL_HEADER) {
+        None => Ok(Channel::Request),
+        Some(value) => value.to_str().ok().and_then(Channel::parse).ok_or(IdentityError::BadChannel),
     };
+    if let Some(cert) = cert {
+        let channel = match cert.channel {
+            Some(channel) => channel,
+            None => header_channel()?,
+        };
+        return Ok(Identity { app: cert.app.clone(), channel });
+    }
+    let channel = header_channel()?;
     let header = headers.get(PROXY_AUTHORIZATION).ok_or(IdentityError::Missing)?;
     let (app, token) = parse_basic(header.as_bytes()).ok_or(IdentityError::BadCredentials { app: None })?;
     if app.is_empty() {
@@ -98,38 +120,51 @@ mod tests {
     #[test]
     fn basic_auth_names_the_app_and_checks_its_token() {
         let p = policy();
-        let ok = identify(None, &headers(&[("proxy-authorization", &basic("demo:s3cret"))]), &p).unwrap();
+        let ok = identify(None, None, &headers(&[("proxy-authorization", &basic("demo:s3cret"))]), &p).unwrap();
         assert_eq!(ok, Identity { app: "demo".into(), channel: Channel::Request });
-        let wrong = identify(None, &headers(&[("proxy-authorization", &basic("demo:guess"))]), &p);
+        let wrong = identify(None, None, &headers(&[("proxy-authorization", &basic("demo:guess"))]), &p);
         assert_eq!(wrong, Err(IdentityError::BadCredentials { app: Some("demo".into()) }));
-        let any = identify(None, &headers(&[("proxy-authorization", &basic("free:whatever"))]), &p);
+        let any = identify(None, None, &headers(&[("proxy-authorization", &basic("free:whatever"))]), &p);
         assert_eq!(any.unwrap().app.as_ref(), "free");
         let lower =
-            identify(None, &headers(&[("proxy-authorization", &basic("free:x").replace("Basic", "basic"))]), &p);
+            identify(None, None, &headers(&[("proxy-authorization", &basic("free:x").replace("Basic", "basic"))]), &p);
         assert!(lower.is_ok());
     }
 
     #[test]
     fn missing_or_malformed_credentials() {
         let p = policy();
-        assert_eq!(identify(None, &HeaderMap::new(), &p), Err(IdentityError::Missing));
+        assert_eq!(identify(None, None, &HeaderMap::new(), &p), Err(IdentityError::Missing));
         for bad in ["Bearer abc", "Basic !!!", "Basic", &basic("no-colon"), &basic(":empty-user")] {
-            let got = identify(None, &headers(&[("proxy-authorization", bad)]), &p);
+            let got = identify(None, None, &headers(&[("proxy-authorization", bad)]), &p);
             assert_eq!(got, Err(IdentityError::BadCredentials { app: None }), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_certificate_names_the_app_ahead_of_basic_auth() {
+        let p = policy();
+        let cert = CertIdentity { app: "free".into(), channel: None };
+        let h = headers(&[("proxy-authorization", &basic("demo:guess")), ("x-miniapp-channel", "webview")]);
+        assert_eq!(identify(None, Some(&cert), &h, &p), Ok(Identity { app: "free".into(), channel: Channel::Webview }));
+        let webview = CertIdentity { app: "demo".into(), channel: Some(Channel::Webview) };
+        let h = headers(&[("x-miniapp-channel", "request")]);
+        assert_eq!(identify(None, Some(&webview), &h, &p).unwrap().channel, Channel::Webview);
+        let binding = Binding { app: "free".into(), channel: Channel::Request };
+        assert_eq!(identify(Some(&binding), Some(&webview), &h, &p).unwrap().app.as_ref(), "free");
     }
 
     #[test]
     fn channel_header_and_listener_binding() {
         let p = policy();
         let h = headers(&[("proxy-authorization", &basic("free:x")), ("x-miniapp-channel", "WebView")]);
-        assert_eq!(identify(None, &h, &p).unwrap().channel, Channel::Webview);
+        assert_eq!(identify(None, None, &h, &p).unwrap().channel, Channel::Webview);
         let h = headers(&[("proxy-authorization", &basic("free:x")), ("x-miniapp-channel", "sockets")]);
-        assert_eq!(identify(None, &h, &p), Err(IdentityError::BadChannel));
+        assert_eq!(identify(None, None, &h, &p), Err(IdentityError::BadChannel));
         let binding = Binding { app: "demo".into(), channel: Channel::Webview };
         let h = headers(&[("x-miniapp-channel", "request")]);
         assert_eq!(
-            identify(Some(&binding), &h, &p).unwrap(),
+            identify(Some(&binding), None, &h, &p).unwrap(),
             Identity { app: "demo".into(), channel: Channel::Webview }
         );
     }

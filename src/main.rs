@@ -12,6 +12,7 @@ use miniapp_gateway::config::{self, DEFAULT_PATH};
 use miniapp_gateway::policy::{Channel, Verdict};
 use miniapp_gateway::proxy::Gateway;
 use miniapp_gateway::reload::{Trigger, spawn_watcher};
+use miniapp_gateway::tls;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -56,6 +57,30 @@ enum Command {
         /// The URL, e.g. https://api.shop.example/v1/items
         url: String,
     },
+    /// Write a development CA, a gateway certificate and client certificates into DIR (PEM).
+    Certs {
+        /// Where to write ca.crt/.key, gateway.crt/.key and APP[-webview].crt/.key.
+        dir: PathBuf,
+        /// A client certificate for this app: ID names the app, ID/webview also fixes the
+        /// web-view channel. Repeat for more.
+        #[arg(long = "app", value_name = "ID[/webview]", value_parser = parse_app_arg)]
+        apps: Vec<(String, Option<Channel>)>,
+        /// An extra name or address for the gateway certificate (localhost, 127.0.0.1 and ::1
+        /// are always in it). Repeat for more.
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+    },
+}
+
+fn parse_app_arg(raw: &str) -> Result<(String, Option<Channel>), String> {
+    let (app, channel) = match raw.split_once('/') {
+        Some((app, channel)) => (app, Some(Channel::parse(channel).ok_or("the channel is request or webview")?)),
+        None => (raw, None),
+    };
+    if app.is_empty() || !app.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+        return Err("an app id is 1 to 64 characters of A-Z a-z 0-9 _ - .".to_owned());
+    }
+    Ok((app.to_owned(), channel))
 }
 
 fn parse_channel(raw: &str) -> Result<Channel, String> {
@@ -82,6 +107,18 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => check(&config.config),
         Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
+        Command::Certs { dir, apps, hosts } => match tls::write_dev_certs(&dir, &hosts, &apps) {
+            Ok(written) => {
+                for file in written.files {
+                    println!("wrote {}", file.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("miniapp-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

@@ -145,3 +145,172 @@ async fn with_verify_tls_off_the_tunnel_is_not_inspected() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+mod https_proxy {
+    use super::*;
+    use miniapp_gateway::policy::Channel;
+    use miniapp_gateway::tls::write_dev_certs;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::net::TcpStream;
+
+    struct Rig {
+        origin: Origin,
+        gw: TestGateway,
+        certs: tempfile::TempDir,
+        /// Certificates from a CA the gateway does not trust.
+        strangers: tempfile::TempDir,
+    }
+
+    impl Rig {
+        async fn start() -> Rig {
+            let origin = Origin::start(&["api.shop.example", "m.shop.example"]).await;
+            let certs = tempfile::tempdir().unwrap();
+            let apps =
+                [("demo".to_owned(), None), ("demo".to_owned(), Some(Channel::Webview)), ("ghost".to_owned(), None)];
+            write_dev_certs(certs.path(), &[], &apps).unwrap();
+            let strangers = tempfile::tempdir().unwrap();
+            write_dev_certs(strangers.path(), &[], &apps[..1]).unwrap();
+            let dir = certs.path().display();
+            let config = format!(
+                r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[tls]
+cert = "{dir}/gateway.crt"
+key = "{dir}/gateway.key"
+client_ca = "{dir}/ca.crt"
+
+[resolve]
+"api.shop.example" = "{o}"
+"m.shop.example" = "{o}"
+
+[[app]]
+id = "demo"
+token = "s3cret"
+server_domains = ["api.shop.example"]
+webview_domains = ["m.shop.example"]
+"#,
+                o = origin.addr
+            );
+            let gw = TestGateway::start(&config).await;
+            Rig { origin, gw, certs, strangers }
+        }
+
+        fn pem(&self, dir: &std::path::Path, stem: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+            let cert = CertificateDer::from_pem_file(dir.join(format!("{stem}.crt"))).unwrap();
+            let key = PrivateKeyDer::from_pem_file(dir.join(format!("{stem}.key"))).unwrap();
+            (vec![cert], key)
+        }
+
+        fn gateway_ca(&self) -> CertificateDer<'static> {
+            CertificateDer::from_pem_file(self.certs.path().join("ca.crt")).unwrap()
+        }
+
+        /// A TLS connection to the proxy listener, optionally with a client certificate.
+        async fn proxy(
+            &self,
+            client_cert: Option<&str>,
+        ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+            let identity = client_cert.map(|stem| self.pem(self.certs.path(), stem));
+            let config = client_config(&self.gateway_ca(), identity);
+            try_tls_with(TcpStream::connect(self.gw.addr()).await.unwrap(), config, "localhost").await
+        }
+
+        /// Through the HTTPS proxy to the origin and back.
+        async fn fetch(
+            &self,
+            proxy: tokio_rustls::client::TlsStream<TcpStream>,
+            target: &str,
+            headers: &[(&str, &str)],
+        ) -> (Answer<tokio_rustls::client::TlsStream<TcpStream>>, Option<Vec<u8>>) {
+            let answer = connect_over(proxy, &format!("{target}:443"), headers).await;
+            if answer.status != 200 {
+                return (answer, None);
+            }
+            let Answer { status, headers, body, stream } = answer;
+            let mut tls = tls_over(stream, &self.origin.ca, target).await;
+            let got = https_request(&mut tls, "GET", "/", b"").await;
+            (Answer { status, headers, body, stream: tls.into_inner().0 }, Some(got))
+        }
+    }
+
+    #[tokio::test]
+    async fn basic_auth_over_the_https_proxy() {
+        let rig = Rig::start().await;
+        let proxy = rig.proxy(None).await.unwrap();
+        let auth = basic("demo", "s3cret");
+        let (answer, body) = rig.fetch(proxy, "api.shop.example", &[("Proxy-Authorization", &auth)]).await;
+        assert_eq!((answer.status, answer.reason()), (200, "whitelisted"));
+        assert_eq!(body.as_deref(), Some(&b"hello from origin"[..]));
+        let proxy = rig.proxy(None).await.unwrap();
+        let (answer, _) = rig.fetch(proxy, "api.shop.example", &[]).await;
+        assert_eq!((answer.status, answer.reason()), (407, "auth_required"));
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_names_the_app_on_both_channels() {
+        let rig = Rig::start().await;
+        let (answer, body) = rig.fetch(rig.proxy(Some("demo")).await.unwrap(), "api.shop.example", &[]).await;
+        assert_eq!((answer.status, answer.reason()), (200, "whitelisted"));
+        assert_eq!(body.as_deref(), Some(&b"hello from origin"[..]));
+        // a plain app certificate leaves the channel to the header
+        let headers = [("X-Miniapp-Channel", "webview")];
+        let (answer, body) = rig.fetch(rig.proxy(Some("demo")).await.unwrap(), "m.shop.example", &headers).await;
+        assert_eq!((answer.status, body.is_some()), (200, true));
+        // a miniapp://demo/webview certificate fixes the web-view channel
+        let (answer, body) = rig.fetch(rig.proxy(Some("demo-webview")).await.unwrap(), "m.shop.example", &[]).await;
+        assert_eq!((answer.status, body.is_some()), (200, true));
+        let request = [("X-Miniapp-Channel", "request")];
+        let (answer, _) = rig.fetch(rig.proxy(Some("demo-webview")).await.unwrap(), "api.shop.example", &request).await;
+        assert_eq!((answer.status, answer.reason()), (403, "not_whitelisted"));
+        assert_eq!(answer.json()["channel"], "webview");
+        // the certificate comes before Basic auth: a wrong password does not matter
+        let wrong = basic("demo", "wrong");
+        let (answer, _) = rig
+            .fetch(rig.proxy(Some("demo")).await.unwrap(), "api.shop.example", &[("Proxy-Authorization", &wrong)])
+            .await;
+        assert_eq!(answer.status, 200);
+        let webview = r#"gateway_requests_total{app="demo",channel="webview",decision="allow",reason="whitelisted"}"#;
+        assert_eq!(rig.gw.metric(webview).await, 2.0);
+        let request = r#"gateway_requests_total{app="demo",channel="request",decision="allow",reason="whitelisted"}"#;
+        assert_eq!(rig.gw.metric(request).await, 2.0);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_an_unknown_app_is_refused() {
+        let rig = Rig::start().await;
+        let (answer, _) = rig.fetch(rig.proxy(Some("ghost")).await.unwrap(), "api.shop.example", &[]).await;
+        assert_eq!((answer.status, answer.reason()), (403, "unknown_app"));
+        assert_eq!(answer.json()["app"], "ghost");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_is_not_an_identity() {
+        let rig = Rig::start().await;
+        let identity = rig.pem(rig.strangers.path(), "demo");
+        let config = client_config(&rig.gateway_ca(), Some(identity));
+        let stream = TcpStream::connect(rig.gw.addr()).await.unwrap();
+        // TLS 1.3 reports the client's certificate being refused on the first read
+        let refused = match try_tls_with(stream, config, "localhost").await {
+            Err(_) => true,
+            Ok(proxy) => {
+                let answer = tokio::time::timeout(WAIT, async {
+                    let mut proxy = proxy;
+                    let request = "CONNECT api.shop.example:443 HTTP/1.1\r\nHost: api.shop.example:443\r\n\r\n";
+                    if proxy.write_all(request.as_bytes()).await.is_err() {
+                        return None;
+                    }
+                    read_head(&mut proxy).await.ok().flatten()
+                })
+                .await
+                .unwrap();
+                answer.is_none()
+            }
+        };
+        assert!(refused, "a certificate from an untrusted CA got an answer");
+        assert_eq!(rig.origin.connections.load(Ordering::SeqCst), 0);
+    }
+}

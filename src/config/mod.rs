@@ -34,6 +34,8 @@ pub struct Config {
     pub listeners: Vec<ListenerSpec>,
     pub require_https: bool,
     pub verify_tls: bool,
+    /// `[tls]`: the server config of TLS listeners, loaded and checked with the rest.
+    pub tls: Option<TlsSettings>,
     pub policy: Policy,
 }
 
@@ -70,6 +72,16 @@ impl Default for Limits {
 pub struct ListenerSpec {
     pub listen: SocketAddr,
     pub binding: Option<Binding>,
+    /// Served over TLS with `[tls]` (an HTTPS proxy).
+    pub tls: bool,
+}
+
+/// The loaded `[tls]` section.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+    /// Whether client certificates are requested (and verified against `client_ca`).
+    pub client_auth: bool,
 }
 
 /// A fixed identity: every connection on the listener is this app on this channel.

@@ -11,11 +11,12 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
-use super::schema::{HumanDuration, RawApp, RawAppsFile, RawConfig, RawEntry, SpannedList};
-use super::{Binding, Config, ConfigError, ConfigErrors, Limits, ListenerSpec, Server};
+use super::schema::{HumanDuration, RawApp, RawAppsFile, RawConfig, RawEntry, RawTls, SpannedList};
+use super::{Binding, Config, ConfigError, ConfigErrors, Limits, ListenerSpec, Server, TlsSettings};
 use crate::policy::{
     self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
 };
+use crate::tls::{self, TlsFile};
 
 /// How long a remark may be, in characters (the mini-program consoles' limit).
 const MAX_REMARK_CHARS: usize = 200;
@@ -282,9 +283,7 @@ impl Validator {
             true
         });
         let verify_tls = p.verify_tls.as_ref().is_none_or(|flag| *flag.get_ref());
-        if let Some(tls) = &raw.tls {
-            self.error(main, tls.span(), "[tls] (an HTTPS proxy listener) is not supported by this build yet");
-        }
+        let tls = raw.tls.as_ref().and_then(|tls| self.tls(main, tls.get_ref()));
 
         let global_deny = self.domain_list(main, p.global_deny.as_ref(), "global_deny", usize::MAX);
         let global_allow = self.domain_list(main, p.global_allow.as_ref(), "global_allow", usize::MAX);
@@ -329,13 +328,12 @@ impl Validator {
             }
         };
 
-        let mut listeners = vec![ListenerSpec { listen: server.listen, binding: None }];
+        let mut listeners = vec![ListenerSpec { listen: server.listen, binding: None, tls: raw.tls.is_some() }];
         for listener in &raw.listener {
             let listen = self.socket_addr(main, &listener.listen, "listen");
-            if let Some(tls) = &listener.tls
-                && *tls.get_ref()
-            {
-                self.error(main, tls.span(), "tls = true on a listener is not supported by this build yet");
+            let wants_tls = listener.tls.as_ref().is_some_and(|tls| *tls.get_ref());
+            if let Some(flag) = listener.tls.as_ref().filter(|_| wants_tls && raw.tls.is_none()) {
+                self.error(main, flag.span(), "tls = true needs a [tls] section with cert and key");
             }
             if listener.channel.is_some() && listener.app.is_none() {
                 self.error(main, listener.listen.span(), "a [[listener]] with a channel must also name its app");
@@ -349,7 +347,7 @@ impl Validator {
             if listen.port() != 0 && listeners.iter().any(|l| l.listen == listen) {
                 self.error(main, listener.listen.span(), format!("{listen} is already a proxy listener"));
             }
-            listeners.push(ListenerSpec { listen, binding });
+            listeners.push(ListenerSpec { listen, binding, tls: wants_tls });
         }
 
         let rules = GlobalRules {
@@ -368,9 +366,31 @@ impl Validator {
             listeners,
             require_https,
             verify_tls,
+            tls,
             policy: Policy::new(apps.iter().map(|(_, app, _)| app.clone()), rules),
         };
         (config, apps)
+    }
+
+    /// Load `[tls]`: the files are read now, so a bad path or key is a config error with a
+    /// position, at `check` and at reload alike.
+    fn tls(&mut self, main: usize, raw: &RawTls) -> Option<TlsSettings> {
+        let path = self.sources[main].path.clone();
+        let cert = resolve_relative(&path, raw.cert.get_ref());
+        let key = resolve_relative(&path, raw.key.get_ref());
+        let client_ca = raw.client_ca.as_ref().map(|ca| resolve_relative(&path, ca.get_ref()));
+        match tls::server_config(&cert, &key, client_ca.as_deref()) {
+            Ok(server) => Some(TlsSettings { server, client_auth: client_ca.is_some() }),
+            Err((file, message)) => {
+                let span = match file {
+                    TlsFile::Cert => raw.cert.span(),
+                    TlsFile::Key => raw.key.span(),
+                    TlsFile::ClientCa => raw.client_ca.as_ref().map_or(raw.cert.span(), Spanned::span),
+                };
+                self.error(main, span, message);
+                None
+            }
+        }
     }
 
     fn server(&mut self, main: usize, raw: &RawConfig) -> Server {
@@ -659,6 +679,16 @@ id = "demo"
                 r#"gw.toml:6:7: [[listener]] app "phantom" names no app"#,
             ]
         );
+    }
+
+    #[test]
+    fn tls_files_are_loaded_at_check_time() {
+        let text = "[tls]\ncert = \"missing.crt\"\nkey = \"missing.key\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\ntls = true\n";
+        let found = errors(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("gw.toml:2:8: cannot read certificates from missing.crt"), "{found:?}");
+        let found = errors("[[listener]]\nlisten = \"127.0.0.1:0\"\ntls = true\n");
+        assert_eq!(found, ["gw.toml:3:7: tls = true needs a [tls] section with cert and key"]);
     }
 
     #[test]

@@ -26,15 +26,10 @@ pub enum Peek {
 }
 
 /// Incremental ClientHello parser over a copy of the client's bytes.
+#[derive(Default)]
 pub struct ClientHelloReader {
     acceptor: Acceptor,
     fed: usize,
-}
-
-impl Default for ClientHelloReader {
-    fn default() -> Self {
-        ClientHelloReader { acceptor: Acceptor::default(), fed: 0 }
-    }
 }
 
 impl ClientHelloReader {

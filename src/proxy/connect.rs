@@ -23,13 +23,15 @@ use super::upstream::dial;
 use super::{ConnectionSlot, OpenTunnel, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::config::Binding;
-use crate::identity::{IdentityError, identify};
+use crate::identity::{CertIdentity, IdentityError, identify};
 use crate::policy::{Action, Channel, Reason, Target, Verdict, parse_authority};
 
 /// Per-connection context shared by the requests a keep-alive connection carries.
 pub(crate) struct ConnContext {
     pub shared: Arc<Shared>,
     pub binding: Option<Binding>,
+    /// The identity a verified client certificate carried, on TLS listeners.
+    pub cert: Option<CertIdentity>,
     pub client: SocketAddr,
     /// Held by the connection and by each of its tunnels: the `max_connections` slot.
     pub slot: Arc<ConnectionSlot>,
@@ -144,7 +146,7 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
     attempt.host = Some(target.host.to_text().into());
     attempt.port = Some(target.port);
 
-    let identity = match identify(ctx.binding.as_ref(), req.headers(), policy) {
+    let identity = match identify(ctx.binding.as_ref(), ctx.cert.as_ref(), req.headers(), policy) {
         Ok(identity) => identity,
         Err(IdentityError::Missing) => return attempt.refuse(ctx, Reason::AuthRequired, None),
         Err(IdentityError::BadCredentials { app }) => {
@@ -241,12 +243,12 @@ async fn run_tunnel(
         };
         match refusal {
             None => {}
-            Some(reason) if settings.report_mode => {
-                if tunnel.record.decision == Verdict::Allow {
-                    tunnel.record.decision = Verdict::Report;
-                    tunnel.record.reason = reason;
-                }
+            // A report-mode tunnel already carrying a would-be refusal keeps that first one.
+            Some(reason) if settings.report_mode && tunnel.record.decision == Verdict::Allow => {
+                tunnel.record.decision = Verdict::Report;
+                tunnel.record.reason = reason;
             }
+            Some(_) if settings.report_mode => {}
             Some(reason) => {
                 tunnel.record.decision = Verdict::Deny;
                 tunnel.record.reason = reason;

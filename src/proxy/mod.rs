@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::config::{Config, ListenerSpec, Loader};
+use crate::identity::CertIdentity;
 use crate::metrics::{Metrics, RequestCounters};
 use crate::policy::{Channel, Reason, Target, Verdict};
 use crate::reload::Reloader;
@@ -234,20 +235,60 @@ async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shar
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let slot = Arc::new(ConnectionSlot::new(permit, &shared.metrics.connections_active));
-                let ctx = ConnContext { shared: shared.clone(), binding: spec.binding.clone(), client, slot };
-                shared.tracker.spawn(serve_connection(stream, Arc::new(ctx)));
+                let ctx =
+                    ConnContext { shared: shared.clone(), binding: spec.binding.clone(), cert: None, client, slot };
+                if spec.tls {
+                    shared.tracker.spawn(serve_tls_connection(stream, ctx));
+                } else {
+                    shared.tracker.spawn(serve_connection(stream, Arc::new(ctx)));
+                }
             }
             Err(_) => turn_away(stream, client, &shared),
         }
     }
 }
 
+/// Complete the TLS handshake of an HTTPS-proxy connection (with the server config in force,
+/// so a reload rotates certificates for new connections), note the identity of a verified
+/// client certificate, then serve it like any other.
+async fn serve_tls_connection(stream: TcpStream, mut ctx: ConnContext) {
+    let snapshot = ctx.shared.live.load_full();
+    let Some(tls) = snapshot.config.tls.as_ref() else {
+        tracing::warn!(client = %ctx.client, "a TLS listener without [tls] in the config in force; closing");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let handshake = tokio::time::timeout(snapshot.config.limits.header_timeout, acceptor.accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %ctx.client, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(client = %ctx.client, "TLS handshake timed out");
+            return;
+        }
+    };
+    ctx.cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(crate::tls::certificate_identity)
+        .map(|(app, channel)| CertIdentity { app: app.into(), channel });
+    serve_connection(stream, Arc::new(ctx)).await;
+}
+
 /// Serve one client connection: HTTP/1.1 with upgrades, until it closes or shutdown.
-async fn serve_connection(stream: TcpStream, ctx: Arc<ConnContext>) {
-    let _ = stream.set_nodelay(true);
+async fn serve_connection<S>(stream: S, ctx: Arc<ConnContext>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let header_timeout = ctx.shared.live.load().config.limits.header_timeout;
     let stop = ctx.shared.stop.clone();
     let service_ctx = ctx.clone();

@@ -358,15 +358,15 @@ pub async fn admin_json(
 }
 
 /// What a CONNECT got back.
-pub struct Answer {
+pub struct Answer<S = TcpStream> {
     pub status: u16,
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
     /// The connection, positioned after the response (the tunnel when status is 200).
-    pub stream: TcpStream,
+    pub stream: S,
 }
 
-impl Answer {
+impl<S> Answer<S> {
     pub fn reason(&self) -> &str {
         self.headers.get("x-gateway-reason").map_or("", String::as_str)
     }
@@ -392,7 +392,7 @@ pub async fn send_raw(proxy: SocketAddr, request: &str) -> Answer {
     read_answer(stream).await
 }
 
-pub async fn read_answer(mut stream: TcpStream) -> Answer {
+pub async fn read_answer<S: AsyncRead + Unpin>(mut stream: S) -> Answer<S> {
     let (head, mut body) =
         tokio::time::timeout(WAIT, read_head(&mut stream)).await.unwrap().unwrap().expect("a response");
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
@@ -409,12 +409,22 @@ pub async fn read_answer(mut stream: TcpStream) -> Answer {
 
 /// `CONNECT target` with the given extra header lines.
 pub async fn connect(proxy: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Answer {
+    connect_over(TcpStream::connect(proxy).await.unwrap(), target, headers).await
+}
+
+/// `CONNECT target` over an established connection to the proxy (plain or TLS).
+pub async fn connect_over<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> Answer<S> {
     let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
-    send_raw(proxy, &request).await
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_answer(stream).await
 }
 
 /// `CONNECT target` as app `app` with token `token`.
