@@ -226,6 +226,7 @@ mod tests {
             ("https://10.0.0.1", EntryError::IpAddress),
             ("https://[::1]:443", EntryError::IpAddress),
             ("127.1", EntryError::IpAddress),
+            ("１２７.０.０.１", EntryError::IpAddress),
             ("localhost", EntryError::Localhost),
             ("api.localhost", EntryError::Localhost),
             ("https://api.shop.example:0", EntryError::Port),

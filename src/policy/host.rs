@@ -63,15 +63,19 @@ impl Host<'_> {
 /// Classify and normalize a host as written in a CONNECT target or a URL authority:
 /// `[v6]` and anything WHATWG would read as IPv4 (`127.1`, `0x7f000001`) become addresses,
 /// everything else must be a valid domain name and is normalized.
+///
+/// The IPv4 test runs on the *normalized* name, as WHATWG's host parser does: IDNA maps
+/// fullwidth digits and drops ignorable code points, so `１２７.０.０.１` is `127.0.0.1`.
 pub fn parse_host(raw: &str) -> Result<Host<'_>, HostError> {
     if let Some(inner) = raw.strip_prefix('[') {
         let inner = inner.strip_suffix(']').ok_or(HostError::Invalid)?;
         return inner.parse::<Ipv6Addr>().map(|ip| Host::Ip(IpAddr::V6(ip))).map_err(|_| HostError::Invalid);
     }
-    if looks_like_ipv4(raw) {
-        return parse_ipv4_like(raw).map(|ip| Host::Ip(IpAddr::V4(ip))).ok_or(HostError::Invalid);
+    let name = normalize_host(raw)?;
+    if looks_like_ipv4(&name) {
+        return parse_ipv4_like(&name).map(|ip| Host::Ip(IpAddr::V4(ip))).ok_or(HostError::Invalid);
     }
-    normalize_host(raw).map(Host::Name)
+    Ok(Host::Name(name))
 }
 
 /// Lowercase, drop one trailing dot, convert internationalized labels to punycode and check
@@ -239,5 +243,9 @@ mod tests {
         assert!(parse_host("256.0.0.1").is_err());
         assert!(parse_host("shop.example.1").is_err(), "a numeric last label is never a name");
         assert!(matches!(parse_host("1.shop.example"), Ok(Host::Name(_))));
+        // found by fuzzing: IDNA turns these into IPv4 literals
+        assert_eq!(v4("\u{34f}0"), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(v4("１２７.０.０.１"), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(v4("127.0.0.1\u{ad}"), Ipv4Addr::new(127, 0, 0, 1));
     }
 }
