@@ -54,10 +54,23 @@ impl ClientHelloReader {
 }
 
 /// Read from `client` until its ClientHello is complete (or is not one), within `timeout`.
-/// Returns every byte read, to be forwarded, and the verdict on them.
-pub async fn read_client_hello<S: AsyncRead + Unpin>(client: &mut S, timeout: Duration) -> (Vec<u8>, Peek) {
+/// `prefix` is what the client already sent that was read elsewhere (hyper reads past the
+/// CONNECT head when the client does not wait for the answer). Returns every byte seen,
+/// prefix included, to be forwarded, and the verdict on them.
+pub async fn read_client_hello<S: AsyncRead + Unpin>(
+    prefix: &[u8],
+    client: &mut S,
+    timeout: Duration,
+) -> (Vec<u8>, Peek) {
     let mut seen = Vec::with_capacity(2048);
+    seen.extend_from_slice(prefix);
     let mut reader = ClientHelloReader::default();
+    if !prefix.is_empty() {
+        match reader.feed(prefix) {
+            Peek::NeedMore => {}
+            done => return (seen, done),
+        }
+    }
     let read = async {
         let mut chunk = [0u8; 4096];
         loop {
@@ -153,10 +166,10 @@ mod tests {
     async fn reading_stops_at_the_timeout_or_the_end() {
         let (mut client, mut peer) = tokio::io::duplex(64);
         tokio::io::AsyncWriteExt::write_all(&mut peer, b"\x16\x03").await.unwrap();
-        let (seen, peek) = read_client_hello(&mut client, Duration::from_millis(50)).await;
+        let (seen, peek) = read_client_hello(b"", &mut client, Duration::from_millis(50)).await;
         assert_eq!((seen.as_slice(), peek), (&b"\x16\x03"[..], Peek::NotTls));
         drop(peer);
-        let (_, peek) = read_client_hello(&mut client, Duration::from_secs(5)).await;
+        let (_, peek) = read_client_hello(b"", &mut client, Duration::from_secs(5)).await;
         assert_eq!(peek, Peek::NotTls);
     }
 }

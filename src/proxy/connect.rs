@@ -5,6 +5,8 @@
 //! moves into the tunnel task that hyper's upgrade hands the client socket to.
 
 use std::convert::Infallible;
+
+use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -224,8 +226,8 @@ async fn run_tunnel(
     open: OpenTunnel,
     settings: TunnelSettings,
 ) {
-    let mut client = match on_upgrade.await {
-        Ok(upgraded) => TokioIo::new(upgraded),
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
         Err(e) => {
             tracing::debug!(error = %e, "client went away before the tunnel started");
             tunnel.count(&shared);
@@ -233,9 +235,14 @@ async fn run_tunnel(
             return;
         }
     };
-    let mut hello = Vec::new();
+    // A plain-TCP client is taken back out of hyper, for the buffer-free splice.
+    let (mut client, prefix) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (ClientStream::Tcp(parts.io.into_inner()), parts.read_buf),
+        Err(upgraded) => (ClientStream::Other(TokioIo::new(upgraded)), Bytes::new()),
+    };
+    let mut hello = prefix.to_vec();
     if settings.verify_tls {
-        let (bytes, peek) = read_client_hello(&mut client, settings.hello_timeout).await;
+        let (bytes, peek) = read_client_hello(&prefix, &mut client, settings.hello_timeout).await;
         let refusal = match peek {
             Peek::Hello { server_name } if open.target.is_named_by(server_name.as_deref()) => None,
             Peek::Hello { .. } => Some(Reason::SniMismatch),
@@ -273,7 +280,10 @@ async fn run_tunnel(
     } else {
         bytes.upstream.inc_by(hello.len() as u64);
         let stops = Stops { abort: &shared.abort, revoke: &revoke };
-        tunnel::splice(client, upstream, settings.idle, stops, &bytes).await
+        match client {
+            ClientStream::Tcp(client) => tunnel::splice_tcp(client, upstream, settings.idle, stops, &bytes).await,
+            ClientStream::Other(client) => tunnel::splice(client, upstream, settings.idle, stops, &bytes).await,
+        }
     };
     moved.up += hello.len() as u64;
     shared.tunnels.remove(&id);
@@ -284,6 +294,26 @@ async fn run_tunnel(
         snapshot.counters.count(tunnel.counted_app.as_deref(), tunnel.record.channel, Verdict::Deny, Reason::Revoked);
     }
     shared.log.record(tunnel.finish(closed, moved));
+}
+
+/// The client side of a tunnel: the raw socket when the proxy listener is plain TCP, hyper's
+/// upgraded stream otherwise (a TLS listener).
+enum ClientStream {
+    Tcp(TcpStream),
+    Other(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl tokio::io::AsyncRead for ClientStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Tcp(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            ClientStream::Other(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+        }
+    }
 }
 
 /// An established tunnel's log line, completed when it closes.

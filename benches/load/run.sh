@@ -1,0 +1,296 @@
+#!/usr/bin/env bash
+# Side-by-side load harness: a direct connection, miniapp-gateway, Squid and tinyproxy, with
+# equivalent allowlists, against one nginx TLS origin, in one run, rounds alternating.
+#
+# Everything listens on 127.0.0.1 and everything it starts is stopped on exit. It installs
+# what it needs (Debian: nginx-light squid tinyproxy; crates.io: oha) when missing, which
+# needs root. Knobs (environment): ROUNDS=3 DURATION=8 CLIENTS=32 IDLE_TUNNELS=2000
+# MANY_TUNNELS=10000 BULK_MB=1024. Prints a markdown table of medians and ratios.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8}
+CLIENTS=${CLIENTS:-32}
+IDLE_TUNNELS=${IDLE_TUNNELS:-2000}
+MANY_TUNNELS=${MANY_TUNNELS:-10000}
+BULK_MB=${BULK_MB:-1024}
+ORIGIN_NAME=origin.bench.example
+DENIED_NAME=denied.bench.example
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+work=$(mktemp -d /tmp/miniapp-load.XXXXXX)
+chmod 755 "$work"
+pids=()
+
+log() { printf '%s\n' "$*" >&2; }
+
+cleanup() {
+  for pid in "${pids[@]}"; do
+    pkill -TERM -P "$pid" 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  sleep 0.5
+  for pid in "${pids[@]}"; do
+    pkill -KILL -P "$pid" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+# --- tools -------------------------------------------------------------------------------
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v squid >/dev/null || missing+=(squid)
+command -v tinyproxy >/dev/null || missing+=(tinyproxy)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]} from Debian"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+command -v oha >/dev/null || { log "installing oha from crates.io (a few minutes)"; cargo install oha --locked -q; }
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+log "building the gateway and the load generator (release)"
+(cd "$root" && cargo build -q --release --bin miniapp-gateway --example loadgen)
+gateway_bin=$root/target/release/miniapp-gateway
+loadgen=$root/target/release/examples/loadgen
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ORIGIN=$(free_port); GW=$(free_port); GW_ADMIN=$(free_port); SQUID=$(free_port); TINY=$(free_port)
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  log "nothing listens on $1"; return 1
+}
+
+# --- origin ------------------------------------------------------------------------------
+"$gateway_bin" certs "$work/certs" --host "$ORIGIN_NAME" >/dev/null
+head -c 100 /dev/zero | tr '\0' 'x' > "$work/small"
+truncate -s "${BULK_MB}M" "$work/big"
+chmod -R a+rX "$work"
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+worker_rlimit_nofile 100000;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log error;
+events { worker_connections 40000; }
+http {
+  access_log off;
+  sendfile on;
+  keepalive_requests 10000000;
+  keepalive_timeout 300s;
+  server {
+    listen 127.0.0.1:$ORIGIN ssl;
+    ssl_certificate $work/certs/gateway.crt;
+    ssl_certificate_key $work/certs/gateway.key;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    root $work;
+    location / { }
+  }
+}
+NGINX
+nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
+
+# --- miniapp-gateway ----------------------------------------------------------------------
+cat > "$work/gateway.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GW"
+admin_listen = "127.0.0.1:$GW_ADMIN"
+[limits]
+max_connections = 20000
+[resolve]
+"$ORIGIN_NAME" = "127.0.0.1"
+[[app]]
+id = "bench"
+token = "bench-secret"
+server_domains = ["https://$ORIGIN_NAME:$ORIGIN"]
+TOML
+RUST_LOG=warn "$gateway_bin" run -c "$work/gateway.toml" > /dev/null & pids+=($!)
+gw_pid=$!
+AUTH="Basic $(printf 'bench:bench-secret' | base64)"
+
+# --- Squid --------------------------------------------------------------------------------
+printf '127.0.0.1 %s\n' "$ORIGIN_NAME" > "$work/hosts"
+cat > "$work/squid.conf" <<SQUIDCONF
+http_port 127.0.0.1:$SQUID
+acl allowed dstdomain $ORIGIN_NAME
+acl tls_port port $ORIGIN
+acl CONNECT method CONNECT
+http_access deny CONNECT !tls_port
+http_access allow CONNECT allowed
+http_access deny all
+hosts_file $work/hosts
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_log $work/squid-cache.log
+pid_filename $work/squid.pid
+coredump_dir $work
+max_filedescriptors 60000
+shutdown_lifetime 1 seconds
+SQUIDCONF
+touch "$work/squid-cache.log"; chmod 666 "$work/squid-cache.log"
+squid -N -f "$work/squid.conf" & pids+=($!)
+squid_pid=$!
+
+# --- tinyproxy (its own mount namespace, so it can see a hosts file: it has no option) ----
+cat /etc/hosts "$work/hosts" > "$work/hosts.full"
+printf '^%s$\n' "${ORIGIN_NAME//./\\.}" > "$work/tinyproxy.filter"
+cat > "$work/tinyproxy.conf" <<TINYCONF
+Port $TINY
+Listen 127.0.0.1
+Timeout 600
+MaxClients 20000
+Allow 127.0.0.1
+ConnectPort $ORIGIN
+Filter "$work/tinyproxy.filter"
+FilterDefaultDeny Yes
+LogLevel Critical
+LogFile "$work/tinyproxy.log"
+PidFile "$work/tinyproxy.pid"
+TINYCONF
+touch "$work/tinyproxy.log"; chmod 666 "$work/tinyproxy.log"
+unshare -m sh -c "mount --bind '$work/hosts.full' /etc/hosts && exec tinyproxy -d -c '$work/tinyproxy.conf'" & pids+=($!)
+tiny_pid=$!
+
+for port in $ORIGIN $GW $SQUID $TINY; do wait_port "$port"; done
+sleep 0.5
+
+# --- measurements -------------------------------------------------------------------------
+# proxy_args NAME: oha arguments that send traffic through NAME (none for direct).
+proxy_args() {
+  case $1 in
+    direct) echo "--connect-to $ORIGIN_NAME:$ORIGIN:127.0.0.1:$ORIGIN" ;;
+    gateway) echo "-x http://127.0.0.1:$GW" ;;
+    squid) echo "-x http://127.0.0.1:$SQUID" ;;
+    tinyproxy) echo "-x http://127.0.0.1:$TINY" ;;
+  esac
+}
+proxy_port() { case $1 in gateway) echo "$GW" ;; squid) echo "$SQUID" ;; tinyproxy) echo "$TINY" ;; esac; }
+
+# oha_rps NAME [extra args]: successful requests per second.
+oha_rps() {
+  local name=$1; shift
+  local extra=()
+  [ "$name" = gateway ] && extra=(--proxy-header "Proxy-Authorization: $AUTH")
+  # shellcheck disable=SC2046
+  oha -z "${DURATION}s" -c "$CLIENTS" --no-tui --output-format json --insecure \
+      $(proxy_args "$name") "${extra[@]}" "$@" "https://$ORIGIN_NAME:$ORIGIN/small" > "$work/oha.json" 2>/dev/null || true
+  python3 - "$work/oha.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+    ok = r.get("statusCodeDistribution", {}).get("200", 0)
+    print(f"{ok / r['summary']['total']:.0f}")
+except Exception:
+    print("0")
+PY
+}
+
+# bulk NAME: bytes per second of one large download through one tunnel.
+bulk() {
+  local args=(-s -o /dev/null -w '%{speed_download}' --insecure)
+  case $1 in
+    direct) args+=(--resolve "$ORIGIN_NAME:$ORIGIN:127.0.0.1") ;;
+    gateway) args+=(-x "http://bench:bench-secret@127.0.0.1:$GW") ;;
+    *) args+=(-x "http://127.0.0.1:$(proxy_port "$1")") ;;
+  esac
+  curl "${args[@]}" "https://$ORIGIN_NAME:$ORIGIN/big" | cut -d. -f1
+}
+
+# deny NAME: refusals per second of CONNECTs to an unlisted host.
+deny() {
+  local extra=()
+  [ "$1" = gateway ] && extra=(--auth "$AUTH")
+  "$loadgen" deny --proxy "127.0.0.1:$(proxy_port "$1")" --target "$DENIED_NAME:$ORIGIN" \
+      --connections "$CLIENTS" --seconds "$DURATION" "${extra[@]}" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["per_sec"]))'
+}
+
+# rss_kib PID: resident memory of PID and its children, KiB.
+rss_kib() {
+  local total=0 pid
+  for pid in $1 $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+
+# idle NAME COUNT PID: open COUNT tunnels, hold them; prints "opened failed kib_per_tunnel".
+idle() {
+  local extra=() before after fifo=$work/hold.$1
+  [ "$1" = gateway ] && extra=(--auth "$AUTH")
+  before=$(rss_kib "$3")
+  mkfifo "$fifo"
+  "$loadgen" idle --proxy "127.0.0.1:$(proxy_port "$1")" --target "$ORIGIN_NAME:$ORIGIN" --ca "$work/certs/ca.crt" \
+      --count "$2" --connections 200 --seconds 120 "${extra[@]}" < "$fifo" > "$work/idle.json" &
+  local gen=$!
+  exec 7>"$fifo"
+  for _ in $(seq 1200); do grep -q ready "$work/idle.json" 2>/dev/null && break; sleep 0.1; done
+  sleep 1
+  after=$(rss_kib "$3")
+  exec 7>&-
+  wait "$gen" || true
+  rm -f "$fifo"
+  python3 - "$work/idle.json" "$before" "$after" <<'PY'
+import json, sys
+r = json.loads(open(sys.argv[1]).read().splitlines()[0])
+opened, before, after = r["opened"], int(sys.argv[2]), int(sys.argv[3])
+per = (after - before) / opened if opened else 0
+print(r["opened"], r["failed"], f"{per:.1f}")
+PY
+  sleep 2
+}
+
+declare -A keep new bulkbps refusals
+targets=(direct gateway squid tinyproxy)
+for round in $(seq "$ROUNDS"); do
+  log "round $round of $ROUNDS"
+  # rotate the order each round so no target always runs first (or on a warm cache)
+  order=("${targets[@]:$((round % 4))}" "${targets[@]:0:$((round % 4))}")
+  for t in "${order[@]}"; do
+    keep[$t]+="$(oha_rps "$t") "
+    new[$t]+="$(oha_rps "$t" --disable-keepalive) "
+    bulkbps[$t]+="$(bulk "$t") "
+    [ "$t" = direct ] || refusals[$t]+="$(deny "$t") "
+  done
+done
+
+log "idle tunnels ($IDLE_TUNNELS each)"
+read -r g_open g_fail g_kib < <(idle gateway "$IDLE_TUNNELS" "$gw_pid")
+read -r s_open s_fail s_kib < <(idle squid "$IDLE_TUNNELS" "$squid_pid")
+read -r t_open t_fail t_kib < <(idle tinyproxy "$IDLE_TUNNELS" "$tiny_pid")
+log "$MANY_TUNNELS concurrent tunnels through the gateway"
+read -r m_open m_fail m_kib < <(idle gateway "$MANY_TUNNELS" "$gw_pid")
+
+median() { printf '%s\n' $1 | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.2f}x' if b else '-')"; }
+mib() { python3 -c "print(f'{float(\"$1\")/1048576:.0f} MiB/s')"; }
+
+row() { # label, associative array name, formatter
+  local label=$1 fmt=${3:-plain}
+  local -n arr=$2
+  local d g s t
+  d=$(median "${arr[direct]:-0}"); g=$(median "${arr[gateway]}"); s=$(median "${arr[squid]}"); t=$(median "${arr[tinyproxy]}")
+  printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$label" \
+    "$([ "$d" = 0 ] && echo - || $fmt "$d")" "$($fmt "$g")" "$($fmt "$s")" "$($fmt "$t")" \
+    "$(ratio "$g" "$s")" "$([ "$d" = 0 ] && echo - || ratio "$g" "$d")"
+}
+plain() { echo "$1"; }
+
+echo
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $ROUNDS rounds, ${DURATION}s each, $CLIENTS clients; medians"
+echo
+echo "| measure | direct | gateway | squid | tinyproxy | gateway/squid | gateway/direct |"
+echo "|---|---|---|---|---|---|---|"
+row "requests/s, kept-alive tunnels" keep plain
+row "requests/s, new CONNECT + TLS per request" new plain
+row "bulk download, one tunnel (${BULK_MB} MiB)" bulkbps mib
+row "refusals/s, unlisted host" refusals plain
+printf '| memory per idle tunnel (%s tunnels) | - | %s KiB | %s KiB | %s KiB | %s | - |\n' "$IDLE_TUNNELS" "$g_kib" "$s_kib" "$t_kib" "$(ratio "$g_kib" "$s_kib")"
+printf '| idle tunnels opened / failed | - | %s / %s | %s / %s | %s / %s | - | - |\n' "$g_open" "$g_fail" "$s_open" "$s_fail" "$t_open" "$t_fail"
+printf '| %s concurrent tunnels, opened / failed | - | %s / %s | - | - | - | - |\n' "$MANY_TUNNELS" "$m_open" "$m_fail"
