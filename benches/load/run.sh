@@ -5,8 +5,22 @@
 # Everything listens on 127.0.0.1 and everything it starts is stopped on exit. It installs
 # what it needs (Debian: nginx-light squid tinyproxy; crates.io: oha) when missing, which
 # needs root. Knobs (environment): ROUNDS=3 DURATION=8 CLIENTS=32 IDLE_TUNNELS=2000
-# MANY_TUNNELS=10000 BULK_MB=1024. Prints a markdown table of medians and ratios.
+# MANY_TUNNELS=10000 BULK_MB=1024 GATEWAY_THREADS=(tokio's default: one per core).
+# Prints a markdown table of medians and ratios.
 set -euo pipefail
+
+ORIGIN_NAME=origin.bench.example
+DENIED_NAME=denied.bench.example
+
+# Every client and proxy must resolve the origin's name, and oha resolves it itself even when
+# it goes through a proxy. Rather than edit the machine's /etc/hosts, re-run this script in a
+# private mount namespace where /etc/hosts also names the origin.
+if [ -z "${LOAD_HOSTS:-}" ]; then
+  hosts=$(mktemp /tmp/miniapp-load-hosts.XXXXXX)
+  { cat /etc/hosts; printf '127.0.0.1 %s\n' "$ORIGIN_NAME"; } > "$hosts"
+  chmod 644 "$hosts"
+  exec unshare -m env LOAD_HOSTS="$hosts" bash -c 'mount --bind "$LOAD_HOSTS" /etc/hosts && exec "$0" "$@"' "$0" "$@"
+fi
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
@@ -14,8 +28,6 @@ CLIENTS=${CLIENTS:-32}
 IDLE_TUNNELS=${IDLE_TUNNELS:-2000}
 MANY_TUNNELS=${MANY_TUNNELS:-10000}
 BULK_MB=${BULK_MB:-1024}
-ORIGIN_NAME=origin.bench.example
-DENIED_NAME=denied.bench.example
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 work=$(mktemp -d /tmp/miniapp-load.XXXXXX)
@@ -34,7 +46,7 @@ cleanup() {
     pkill -KILL -P "$pid" 2>/dev/null || true
     kill -KILL "$pid" 2>/dev/null || true
   done
-  rm -rf "$work"
+  rm -rf "$work" "$LOAD_HOSTS"
 }
 trap cleanup EXIT INT TERM
 
@@ -49,7 +61,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 command -v oha >/dev/null || { log "installing oha from crates.io (a few minutes)"; cargo install oha --locked -q; }
-ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+ulimit -n "$(ulimit -Hn)"
 
 log "building the gateway and the load generator (release)"
 (cd "$root" && cargo build -q --release --bin miniapp-gateway --example loadgen)
@@ -110,12 +122,11 @@ id = "bench"
 token = "bench-secret"
 server_domains = ["https://$ORIGIN_NAME:$ORIGIN"]
 TOML
-RUST_LOG=warn "$gateway_bin" run -c "$work/gateway.toml" > /dev/null & pids+=($!)
+env RUST_LOG=warn ${GATEWAY_THREADS:+TOKIO_WORKER_THREADS=$GATEWAY_THREADS} "$gateway_bin" run -c "$work/gateway.toml" > /dev/null & pids+=($!)
 gw_pid=$!
 AUTH="Basic $(printf 'bench:bench-secret' | base64)"
 
 # --- Squid --------------------------------------------------------------------------------
-printf '127.0.0.1 %s\n' "$ORIGIN_NAME" > "$work/hosts"
 cat > "$work/squid.conf" <<SQUIDCONF
 http_port 127.0.0.1:$SQUID
 acl allowed dstdomain $ORIGIN_NAME
@@ -124,7 +135,6 @@ acl CONNECT method CONNECT
 http_access deny CONNECT !tls_port
 http_access allow CONNECT allowed
 http_access deny all
-hosts_file $work/hosts
 cache deny all
 cache_mem 8 MB
 access_log none
@@ -138,8 +148,7 @@ touch "$work/squid-cache.log"; chmod 666 "$work/squid-cache.log"
 squid -N -f "$work/squid.conf" & pids+=($!)
 squid_pid=$!
 
-# --- tinyproxy (its own mount namespace, so it can see a hosts file: it has no option) ----
-cat /etc/hosts "$work/hosts" > "$work/hosts.full"
+# --- tinyproxy ----------------------------------------------------------------------------
 printf '^%s$\n' "${ORIGIN_NAME//./\\.}" > "$work/tinyproxy.filter"
 cat > "$work/tinyproxy.conf" <<TINYCONF
 Port $TINY
@@ -155,7 +164,7 @@ LogFile "$work/tinyproxy.log"
 PidFile "$work/tinyproxy.pid"
 TINYCONF
 touch "$work/tinyproxy.log"; chmod 666 "$work/tinyproxy.log"
-unshare -m sh -c "mount --bind '$work/hosts.full' /etc/hosts && exec tinyproxy -d -c '$work/tinyproxy.conf'" & pids+=($!)
+tinyproxy -d -c "$work/tinyproxy.conf" & pids+=($!)
 tiny_pid=$!
 
 for port in $ORIGIN $GW $SQUID $TINY; do wait_port "$port"; done
@@ -165,7 +174,7 @@ sleep 0.5
 # proxy_args NAME: oha arguments that send traffic through NAME (none for direct).
 proxy_args() {
   case $1 in
-    direct) echo "--connect-to $ORIGIN_NAME:$ORIGIN:127.0.0.1:$ORIGIN" ;;
+    direct) echo "" ;;
     gateway) echo "-x http://127.0.0.1:$GW" ;;
     squid) echo "-x http://127.0.0.1:$SQUID" ;;
     tinyproxy) echo "-x http://127.0.0.1:$TINY" ;;
@@ -196,7 +205,7 @@ PY
 bulk() {
   local args=(-s -o /dev/null -w '%{speed_download}' --insecure)
   case $1 in
-    direct) args+=(--resolve "$ORIGIN_NAME:$ORIGIN:127.0.0.1") ;;
+    direct) ;;
     gateway) args+=(-x "http://bench:bench-secret@127.0.0.1:$GW") ;;
     *) args+=(-x "http://127.0.0.1:$(proxy_port "$1")") ;;
   esac
@@ -248,6 +257,11 @@ PY
 
 declare -A keep new bulkbps refusals
 targets=(direct gateway squid tinyproxy)
+log "warming up (untimed): every path once"
+for t in "${targets[@]}"; do
+  bulk "$t" > /dev/null
+  DURATION=1 oha_rps "$t" > /dev/null
+done
 for round in $(seq "$ROUNDS"); do
   log "round $round of $ROUNDS"
   # rotate the order each round so no target always runs first (or on a warm cache)

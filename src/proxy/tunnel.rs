@@ -18,7 +18,6 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How a tunnel ended.
@@ -55,13 +54,23 @@ pub struct Transferred {
     pub down: u64,
 }
 
+/// Bytes moved each way. They double as the idle watchdog's evidence of activity, so the hot
+/// path never reads a clock.
 #[derive(Default)]
 struct Activity {
     up: AtomicU64,
     down: AtomicU64,
-    /// Milliseconds since the tunnel started, at the last read on either side.
-    last_ms: AtomicU64,
 }
+
+impl Activity {
+    fn total(&self) -> u64 {
+        self.up.load(Ordering::Relaxed) + self.down.load(Ordering::Relaxed)
+    }
+}
+
+/// The watchdog looks at the byte counts this many times per idle timeout; a tunnel is
+/// closed between 1 and 1 + 1/IDLE_CHECKS idle timeouts after its last byte.
+const IDLE_CHECKS: u32 = 4;
 
 /// A stream whose reads are counted into one direction of an [`Activity`] and into the
 /// gateway-wide byte counter of that direction.
@@ -69,7 +78,6 @@ struct Metered<S> {
     inner: S,
     activity: Arc<Activity>,
     upstream_bound: bool,
-    start: Instant,
     total: IntCounter,
 }
 
@@ -97,8 +105,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
             let counter = if self.upstream_bound { &self.activity.up } else { &self.activity.down };
             counter.fetch_add(read, Ordering::Relaxed);
             self.total.inc_by(read);
-            let elapsed = self.start.elapsed().as_millis() as u64;
-            self.activity.last_ms.store(elapsed, Ordering::Relaxed);
         }
         poll
     }
@@ -131,16 +137,15 @@ pub async fn splice_tcp(
     stops: Stops<'_>,
     bytes: &ByteCounters,
 ) -> (Closed, Transferred) {
-    let start = Instant::now();
     let activity = Activity::default();
     let (client_read, mut client_write) = client.split();
     let (upstream_read, mut upstream_write) = upstream.split();
-    let up = pump(&client_read, &mut upstream_write, &activity.up, &bytes.upstream, &activity, start);
-    let down = pump(&upstream_read, &mut client_write, &activity.down, &bytes.downstream, &activity, start);
+    let up = pump(&client_read, &mut upstream_write, &activity.up, &bytes.upstream);
+    let down = pump(&upstream_read, &mut client_write, &activity.down, &bytes.downstream);
     let both = async {
         let _ = tokio::join!(up, down);
     };
-    let closed = watch(both, &activity, start, idle, stops).await;
+    let closed = watch(both, &activity, idle, stops).await;
     let moved = Transferred { up: activity.up.load(Ordering::Relaxed), down: activity.down.load(Ordering::Relaxed) };
     (closed, moved)
 }
@@ -148,14 +153,7 @@ pub async fn splice_tcp(
 /// One direction: wait until `from` is readable (holding nothing), then read and write in
 /// bursts until it would block. Ends when `from` reaches end of stream (passing the
 /// half-close on to `to`) or either side fails.
-async fn pump(
-    from: &ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
-    moved: &AtomicU64,
-    total: &IntCounter,
-    activity: &Activity,
-    start: Instant,
-) -> io::Result<()> {
+async fn pump(from: &ReadHalf<'_>, to: &mut WriteHalf<'_>, moved: &AtomicU64, total: &IntCounter) -> io::Result<()> {
     loop {
         from.readable().await?;
         let mut buf = Vec::with_capacity(BURST);
@@ -169,7 +167,6 @@ async fn pump(
                 Ok(n) => {
                     moved.fetch_add(n as u64, Ordering::Relaxed);
                     total.inc_by(n as u64);
-                    activity.last_ms.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
                     to.write_all(&buf).await?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -179,26 +176,27 @@ async fn pump(
     }
 }
 
-/// Run `transfer` until it ends, the tunnel has been idle for `idle`, or a stop fires.
-async fn watch(
-    transfer: impl Future<Output = ()>,
-    activity: &Activity,
-    start: Instant,
-    idle: Duration,
-    stops: Stops<'_>,
-) -> Closed {
+/// Run `transfer` until it ends, no byte has moved for `idle`, or a stop fires.
+async fn watch(transfer: impl Future<Output = ()>, activity: &Activity, idle: Duration, stops: Stops<'_>) -> Closed {
     tokio::pin!(transfer);
+    let check = idle / IDLE_CHECKS;
+    let mut seen = activity.total();
+    let mut quiet_checks = 0;
     loop {
-        let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
-        let deadline = start + last + idle;
         tokio::select! {
             _ = &mut transfer => return Closed::Finished,
             _ = stops.abort.cancelled() => return Closed::Shutdown,
             _ = stops.revoke.cancelled() => return Closed::Revoked,
-            _ = tokio::time::sleep_until(deadline) => {
-                let last = Duration::from_millis(activity.last_ms.load(Ordering::Relaxed));
-                if Instant::now() >= start + last + idle {
-                    return Closed::IdleTimeout;
+            _ = tokio::time::sleep(check) => {
+                let now = activity.total();
+                if now == seen {
+                    quiet_checks += 1;
+                    if quiet_checks >= IDLE_CHECKS {
+                        return Closed::IdleTimeout;
+                    }
+                } else {
+                    seen = now;
+                    quiet_checks = 0;
                 }
             }
         }
@@ -218,26 +216,15 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
     let activity = Arc::new(Activity::default());
-    let mut client = Metered {
-        inner: client,
-        activity: activity.clone(),
-        upstream_bound: true,
-        start,
-        total: bytes.upstream.clone(),
-    };
-    let mut upstream = Metered {
-        inner: upstream,
-        activity: activity.clone(),
-        upstream_bound: false,
-        start,
-        total: bytes.downstream.clone(),
-    };
+    let mut client =
+        Metered { inner: client, activity: activity.clone(), upstream_bound: true, total: bytes.upstream.clone() };
+    let mut upstream =
+        Metered { inner: upstream, activity: activity.clone(), upstream_bound: false, total: bytes.downstream.clone() };
     let copy = async {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     };
-    let closed = watch(copy, &activity, start, idle, stops).await;
+    let closed = watch(copy, &activity, idle, stops).await;
     let moved = Transferred { up: activity.up.load(Ordering::Relaxed), down: activity.down.load(Ordering::Relaxed) };
     (closed, moved)
 }
@@ -308,7 +295,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(200)).await;
         client_peer.write_all(b"x").await.unwrap();
         tokio::time::sleep(Duration::from_secs(200)).await;
-        assert!(!task.is_finished(), "activity at 200s pushes the deadline to 500s");
+        assert!(!task.is_finished(), "activity at 200s pushes the close past 500s");
         let (closed, moved) = task.await.unwrap();
         assert_eq!(closed, Closed::IdleTimeout);
         assert_eq!(moved.up, 1);
