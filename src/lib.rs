@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod identity;
+pub mod learn;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -57,6 +57,15 @@ enum Command {
         /// The URL, e.g. https://api.shop.example/v1/items
         url: String,
     },
+    /// Print the [[app]] entries that would have let through what `report` mode recorded in an
+    /// access log (JSON lines): report for a while, learn, review, then enforce.
+    Learn {
+        /// The access log, as `run` writes it to stdout.
+        access_log: PathBuf,
+        /// Generalize hosts under DOMAIN to `*.DOMAIN` (never done unless asked). Repeat for more.
+        #[arg(long = "wildcard", value_name = "DOMAIN")]
+        wildcards: Vec<String>,
+    },
     /// Write a development CA, a gateway certificate and client certificates into DIR (PEM).
     Certs {
         /// Where to write ca.crt/.key, gateway.crt/.key and APP[-webview].crt/.key.
@@ -70,6 +79,26 @@ enum Command {
         #[arg(long = "host", value_name = "NAME")]
         hosts: Vec<String>,
     },
+}
+
+fn learn(log: &std::path::Path, wildcards: &[String]) -> ExitCode {
+    let file = match std::fs::File::open(log) {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!("miniapp-gateway: cannot read {}: {e}", log.display());
+            return ExitCode::from(2);
+        }
+    };
+    match miniapp_gateway::learn::learn(std::io::BufReader::new(file), wildcards) {
+        Ok(learned) => {
+            print!("{}", learned.to_toml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("miniapp-gateway: cannot read {}: {e}", log.display());
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn parse_app_arg(raw: &str) -> Result<(String, Option<Channel>), String> {
@@ -107,6 +136,7 @@ fn main() -> ExitCode {
         },
         Command::Check { config } => check(&config.config),
         Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
+        Command::Learn { access_log, wildcards } => learn(&access_log, &wildcards),
         Command::Certs { dir, apps, hosts } => match tls::write_dev_certs(&dir, &hosts, &apps) {
             Ok(written) => {
                 for file in written.files {

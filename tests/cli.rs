@@ -261,3 +261,68 @@ async fn sighup_reloads_the_config() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learn_turns_a_recorded_report_log_into_entries() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let mut resolve = String::new();
+    for host in ["api.shop.example", "img.cdn.example", "m.shop.example", "a.static.example"] {
+        resolve.push_str(&format!("\"{host}\" = \"{}\"\n", origin.addr));
+    }
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[limits]\nshutdown_grace = \"1s\"\n[resolve]\n{resolve}\
+             [[app]]\nid = \"shop\"\naction = \"report\"\nserver_domains = [\"api.shop.example\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut gw = Process::start(&path);
+    let webview = [("Proxy-Authorization", basic("shop", "x")), ("X-Miniapp-Channel", "webview".to_owned())];
+    let webview: Vec<(&str, &str)> = webview.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for (target, headers) in [
+        ("api.shop.example:443", None),
+        ("img.cdn.example:443", None),
+        ("img.cdn.example:443", None),
+        ("a.static.example:8443", None),
+        ("m.shop.example:443", Some(&webview)),
+    ] {
+        let answer = match headers {
+            Some(headers) => connect(gw.proxy, target, headers).await,
+            None => connect_as(gw.proxy, "shop", "x", target).await,
+        };
+        assert_eq!(answer.status, 200, "{target}");
+    }
+    gw.signal("TERM");
+    assert!(gw.wait_exit(WAIT).success());
+    let log = dir.path().join("access.log");
+    std::fs::write(&log, gw.stdout()).unwrap();
+
+    let out = gateway(&["learn", log.to_str().unwrap(), "--wildcard", "static.example"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let learned = String::from_utf8(out.stdout).unwrap();
+    let body: Vec<&str> = learned.lines().skip_while(|l| !l.starts_with("[[app]]")).collect();
+    assert_eq!(
+        body,
+        [
+            "[[app]]",
+            "id = \"shop\"",
+            "server_domains = [",
+            "  \"https://*.static.example:8443\",                 # 1 tunnel",
+            "  \"https://img.cdn.example\",                       # 2 tunnels",
+            "]",
+            "webview_domains = [",
+            "  \"https://m.shop.example\",                        # 1 tunnel",
+            "]",
+        ],
+        "{learned}"
+    );
+    // the whitelisted tunnel carried no TLS: report mode recorded `not_tls`, which no entry fixes
+    let header = "# learned from 5 access log lines: 5 report decisions, 1 apps\n\
+                  # not learnable: 1 report lines with reason not_tls\n";
+    assert!(learned.starts_with(header), "{learned}");
+    let out = gateway(&["learn", "/nonexistent.log"]);
+    assert_eq!(out.status.code(), Some(2));
+}

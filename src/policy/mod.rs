@@ -25,7 +25,7 @@ pub use list::DomainList;
 pub use target::{Target, TargetError, parse_authority};
 
 /// Which of an app's two whitelists a connection is checked against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Channel {
     /// Network APIs (request, upload, download, sockets): the server domain whitelist.
