@@ -22,6 +22,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub connections_active: IntGauge,
+    pub connections_max: IntGauge,
     pub tunnels_active: IntGauge,
     pub bytes_upstream: IntCounter,
     pub bytes_downstream: IntCounter,
@@ -45,6 +46,11 @@ impl Metrics {
         .expect("valid metric");
         let connections_active =
             IntGauge::new("gateway_connections_active", "Client connections open.").expect("valid metric");
+        let connections_max = IntGauge::new(
+            "gateway_connections_max",
+            "max_connections: the client connections the gateway accepts before answering 503.",
+        )
+        .expect("valid metric");
         let tunnels_active = IntGauge::new("gateway_tunnels_active", "Tunnels established.").expect("valid metric");
         let bytes = IntCounterVec::new(
             Opts::new("gateway_tunnel_bytes_total", "Bytes moved through tunnels, by direction."),
@@ -80,9 +86,10 @@ impl Metrics {
                 .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(requests.clone()),
             Box::new(connections_active.clone()),
+            Box::new(connections_max.clone()),
             Box::new(tunnels_active.clone()),
             Box::new(bytes.clone()),
             Box::new(tunnel_duration.clone()),
@@ -101,6 +108,7 @@ impl Metrics {
             registry,
             requests,
             connections_active,
+            connections_max,
             tunnels_active,
             bytes_upstream: bytes.with_label_values(&["upstream"]),
             bytes_downstream: bytes.with_label_values(&["downstream"]),

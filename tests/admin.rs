@@ -255,3 +255,42 @@ async fn readyz_turns_503_when_shutdown_starts() {
     drop(tls);
     tokio::time::timeout(WAIT, draining).await.expect("the drain did not end").unwrap();
 }
+
+/// Every `gateway_*` and `process_*` name in a file.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for prefix in ["gateway_", "process_"] {
+        let mut rest = text;
+        while let Some(at) = rest.find(prefix) {
+            let before_ok = at == 0 || !rest.as_bytes()[at - 1].is_ascii_alphanumeric();
+            let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if before_ok {
+                names.insert(name.clone());
+            }
+            rest = &rest[at + name.len()..];
+        }
+    }
+    names
+}
+
+#[tokio::test]
+async fn the_dashboard_and_alerts_name_only_exported_metrics() {
+    let (origin, gw) = setup("").await;
+    let answer = connect_as(gw.addr(), "demo", "s3cret", "api.shop.example:443").await;
+    let mut tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+    assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
+    drop(tls);
+    gw.wait_metric("gateway_tunnel_duration_seconds_count", 1.0).await;
+    let (_, _, body) = admin_request(gw.admin(), "GET", "/metrics", None, None).await;
+    let exposition = String::from_utf8(body).unwrap();
+    let exported: std::collections::BTreeSet<&str> =
+        exposition.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["deploy/grafana/dashboard.json", "deploy/prometheus/alerts.yml"] {
+        let names = metric_names(&std::fs::read_to_string(root.join(file)).unwrap());
+        assert!(names.len() >= 5, "{file} names {names:?}");
+        for name in names {
+            assert!(exported.contains(name.as_str()), "{file} uses {name}, which the gateway does not export");
+        }
+    }
+}

@@ -141,6 +141,7 @@ impl Gateway {
         };
         config.generation = 1;
         let metrics = Metrics::new();
+        metrics.connections_max.set(config.limits.max_connections as i64);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let snapshot = Snapshot::new(config, &metrics);
         crate::reload::publish(&metrics, &snapshot);
