@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::watch::{ConfigWatcher, WatchSet};
-use crate::config::{self, ConfigErrors, Loader};
+use crate::config::{self, Config, ConfigErrors, Loader};
 use crate::metrics::Metrics;
 use crate::policy::Verdict;
 use crate::proxy::{Shared, Snapshot};
@@ -35,6 +35,21 @@ pub(crate) fn publish(metrics: &Metrics, snapshot: &Snapshot) {
     metrics.apps_loaded.set(snapshot.config.policy.app_count() as i64);
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     metrics.last_reload_success.set(now);
+}
+
+/// The settings a reload cannot apply to a running gateway, that differ between two configs.
+fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if running.listeners != loaded.listeners {
+        changed.push("listeners");
+    }
+    if running.server.admin_listen != loaded.server.admin_listen {
+        changed.push("admin_listen");
+    }
+    if running.limits.max_connections != loaded.limits.max_connections {
+        changed.push("max_connections");
+    }
+    changed
 }
 
 impl Reloader {
@@ -78,6 +93,7 @@ impl Reloader {
             }
             Err(e) => {
                 self.shared.metrics.reloads_failure.inc();
+                tracing::error!(?trigger, error = %e, "config reload task failed; the running policy stays");
                 let error = config::ConfigError {
                     path: current.config.path.clone(),
                     line: 1,
@@ -87,11 +103,10 @@ impl Reloader {
                 return Err(ConfigErrors(vec![error]));
             }
         };
-        if config.listeners != current.config.listeners
-            || config.server.admin_listen != current.config.server.admin_listen
-            || config.limits.max_connections != current.config.limits.max_connections
-        {
-            tracing::warn!(old = ?(&current.config.listeners, current.config.server.admin_listen, current.config.limits.max_connections), new = ?(&config.listeners, config.server.admin_listen, config.limits.max_connections), "listen addresses, listener bindings and max_connections change only on restart");
+        let restart_only = restart_only_changes(&current.config, &config);
+        if !restart_only.is_empty() {
+            let changed = restart_only.join(", ");
+            tracing::warn!(changed, "these settings change only on restart; the running ones stay");
         }
         config.generation = current.config.generation + 1;
         let generation = config.generation;

@@ -3,9 +3,13 @@
 //! Entries are stored in one hash map keyed by the normalized name they are anchored on. A
 //! lookup hashes the host itself and then each of its parent suffixes (`a.b.c`, `b.c`, `c`),
 //! so its cost grows with the number of labels in the host, never with the number of entries
-//! or apps. Keys are whole names, which is what keeps matching on label boundaries.
+//! or apps. Keys are whole names, which is what keeps matching on label boundaries. The maps
+//! hash with foldhash (seeded per process): keys come from the operator's config, lookups
+//! from clients, and a lookup never inserts, so a fast hash is safe here.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 
 use super::entry::{Entry, Pattern};
 
@@ -13,13 +17,14 @@ use super::entry::{Entry, Pattern};
 #[derive(Debug, Clone, Default)]
 pub struct DomainList {
     entries: Vec<Entry>,
-    by_anchor: HashMap<Box<str>, Vec<u16>>,
+    by_anchor: HashMap<Box<str>, Vec<u16>, RandomState>,
 }
 
 impl DomainList {
     /// Build a list; entry indexes are positions in `entries` (what `rule` reports).
     pub fn new(entries: Vec<Entry>) -> Self {
-        let mut by_anchor: HashMap<Box<str>, Vec<u16>> = HashMap::with_capacity(entries.len());
+        let mut by_anchor: HashMap<Box<str>, Vec<u16>, RandomState> =
+            HashMap::with_capacity_and_hasher(entries.len(), RandomState::default());
         for (index, entry) in entries.iter().enumerate() {
             let index = u16::try_from(index).expect("domain lists are validated to be short");
             by_anchor.entry(entry.pattern.anchor().into()).or_default().push(index);

@@ -375,7 +375,7 @@ pub struct GlobalRules {
 /// An immutable, validated policy snapshot.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    apps: HashMap<Box<str>, Arc<App>>,
+    apps: HashMap<Box<str>, Arc<App>, foldhash::fast::RandomState>,
     rules: GlobalRules,
 }
 
