@@ -199,6 +199,18 @@ mod tests {
     }
 
     #[test]
+    fn without_an_identity_uri_the_common_name_names_the_app() {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("cn-app");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(certificate_identity(cert.der()), Some(("cn-app".into(), None)));
+        params.subject_alt_names = vec![SanType::URI("https://elsewhere.example".try_into().unwrap())];
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(certificate_identity(cert.der()), Some(("cn-app".into(), None)), "other URIs are not identities");
+    }
+
+    #[test]
     fn dev_certs_carry_the_app_identity_and_load_as_a_server_config() {
         let dir = tempfile::tempdir().unwrap();
         let apps = [("demo".to_owned(), None), ("demo".to_owned(), Some(Channel::Webview))];

@@ -313,4 +313,22 @@ webview_domains = ["m.shop.example"]
         assert!(refused, "a certificate from an untrusted CA got an answer");
         assert_eq!(rig.origin.connections.load(Ordering::SeqCst), 0);
     }
+
+    #[tokio::test]
+    async fn a_reload_rotates_the_proxy_certificate() {
+        let rig = Rig::start().await;
+        let fresh = tempfile::tempdir().unwrap();
+        write_dev_certs(fresh.path(), &[], &[]).unwrap();
+        for file in ["gateway.crt", "gateway.key"] {
+            std::fs::copy(fresh.path().join(file), rig.certs.path().join(file)).unwrap();
+        }
+        let (status, _) = admin_json(rig.gw.admin(), "POST", "/-/reload", None, None).await;
+        assert_eq!(status, 200);
+        let fresh_ca = CertificateDer::from_pem_file(fresh.path().join("ca.crt")).unwrap();
+        let stream = TcpStream::connect(rig.gw.addr()).await.unwrap();
+        assert!(try_tls_with(stream, client_config(&fresh_ca, None), "localhost").await.is_ok(), "new certificate");
+        let stream = TcpStream::connect(rig.gw.addr()).await.unwrap();
+        let old = try_tls_with(stream, client_config(&rig.gateway_ca(), None), "localhost").await;
+        assert!(old.is_err(), "the old certificate is no longer served");
+    }
 }
