@@ -22,6 +22,8 @@ use crate::tls::{self, TlsFile};
 const MAX_REMARK_CHARS: usize = 200;
 /// Entries are indexed by `u16`; no real list comes near this.
 const MAX_LIST_LIMIT: i64 = 10_000;
+/// The global lists are the operator's, not an app's, and may be long; still bounded.
+const MAX_GLOBAL_ENTRIES: usize = 10_000;
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_DOMAINS: usize = 30;
 
@@ -285,8 +287,8 @@ impl Validator {
         let verify_tls = p.verify_tls.as_ref().is_none_or(|flag| *flag.get_ref());
         let tls = raw.tls.as_ref().and_then(|tls| self.tls(main, tls.get_ref()));
 
-        let global_deny = self.domain_list(main, p.global_deny.as_ref(), "global_deny", usize::MAX);
-        let global_allow = self.domain_list(main, p.global_allow.as_ref(), "global_allow", usize::MAX);
+        let global_deny = self.domain_list(main, p.global_deny.as_ref(), "global_deny", MAX_GLOBAL_ENTRIES);
+        let global_allow = self.domain_list(main, p.global_allow.as_ref(), "global_allow", MAX_GLOBAL_ENTRIES);
 
         let resolve = self.resolve(main, &raw);
         let mut apps: Vec<(usize, Arc<App>, Range<usize>)> = Vec::with_capacity(inputs.len());
@@ -667,6 +669,13 @@ id = "demo"
         let text =
             format!("[[app]]\nid = \"demo\"\nserver_domains = [{{ domain = \"a.example\", remark = \"{remark}\" }}]\n");
         assert_eq!(errors(&text), [r#"gw.toml:3:19: the remark of "a.example" is longer than 200 characters"#]);
+    }
+
+    #[test]
+    fn global_lists_are_bounded_too() {
+        let many: Vec<String> = (0..10_001).map(|i| format!("\"h{i}.example\"")).collect();
+        let text = format!("[policy]\nglobal_deny = [{}]\n", many.join(", "));
+        assert_eq!(errors(&text), ["gw.toml:2:15: global_deny has 10001 entries; at most 10000 are allowed"]);
     }
 
     #[test]
