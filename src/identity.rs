@@ -13,7 +13,7 @@ use hyper::header::PROXY_AUTHORIZATION;
 use subtle::ConstantTimeEq;
 
 use crate::config::Binding;
-use crate::policy::{Channel, Policy};
+use crate::policy::{Channel, Policy, is_valid_app_id};
 
 /// The header a client names its channel with.
 pub const CHANNEL_HEADER: &str = "x-miniapp-channel";
@@ -70,7 +70,7 @@ pub fn identify(
     let channel = header_channel()?;
     let header = headers.get(PROXY_AUTHORIZATION).ok_or(IdentityError::Missing)?;
     let (app, token) = parse_basic(header.as_bytes()).ok_or(IdentityError::BadCredentials { app: None })?;
-    if app.is_empty() {
+    if !is_valid_app_id(&app) {
         return Err(IdentityError::BadCredentials { app: None });
     }
     if let Some(expected) = policy.app(&app).and_then(|a| a.token.as_deref())
@@ -135,7 +135,17 @@ mod tests {
     fn missing_or_malformed_credentials() {
         let p = policy();
         assert_eq!(identify(None, None, &HeaderMap::new(), &p), Err(IdentityError::Missing));
-        for bad in ["Bearer abc", "Basic !!!", "Basic", &basic("no-colon"), &basic(":empty-user")] {
+        let long = basic(&format!("{}:x", "a".repeat(65)));
+        for bad in [
+            "Bearer abc",
+            "Basic !!!",
+            "Basic",
+            &basic("no-colon"),
+            &basic(":empty-user"),
+            &basic("two\nlines:x"),
+            &basic("sp ace:x"),
+            &long,
+        ] {
             let got = identify(None, None, &headers(&[("proxy-authorization", bad)]), &p);
             assert_eq!(got, Err(IdentityError::BadCredentials { app: None }), "{bad}");
         }

@@ -106,7 +106,7 @@ fn parse_app_arg(raw: &str) -> Result<(String, Option<Channel>), String> {
         Some((app, channel)) => (app, Some(Channel::parse(channel).ok_or("the channel is request or webview")?)),
         None => (raw, None),
     };
-    if app.is_empty() || !app.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')) {
+    if !miniapp_gateway::policy::is_valid_app_id(app) {
         return Err("an app id is 1 to 64 characters of A-Z a-z 0-9 _ - .".to_owned());
     }
     Ok((app.to_owned(), channel))

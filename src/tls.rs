@@ -20,7 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::policy::Channel;
+use crate::policy::{Channel, is_valid_app_id};
 
 /// The URI scheme of an app identity in a client certificate.
 pub const IDENTITY_SCHEME: &str = "miniapp://";
@@ -93,7 +93,7 @@ pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<(String, Option
         }
     }
     let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?;
-    (!cn.is_empty()).then(|| (cn.to_owned(), None))
+    is_valid_app_id(cn).then(|| (cn.to_owned(), None))
 }
 
 /// `miniapp://APPID` or `miniapp://APPID/webview` (or `/request`).
@@ -103,7 +103,7 @@ fn parse_identity_uri(uri: &str) -> Option<(String, Option<Channel>)> {
         None | Some((_, "")) => (rest.trim_end_matches('/'), None),
         Some((app, channel)) => (app, Some(Channel::parse(channel)?)),
     };
-    (!app.is_empty()).then(|| (app.to_owned(), channel))
+    is_valid_app_id(app).then(|| (app.to_owned(), channel))
 }
 
 /// What `miniapp-gateway certs` wrote.

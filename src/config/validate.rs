@@ -489,8 +489,7 @@ impl Validator {
         max_webview: usize,
     ) -> Option<App> {
         let id = raw.id.get_ref();
-        let valid_id = (1..=64).contains(&id.len())
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        let valid_id = policy::is_valid_app_id(id);
         if !valid_id {
             self.error(source, raw.id.span(), format!("app id {id:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - ."));
         }

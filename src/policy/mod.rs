@@ -303,6 +303,17 @@ impl fmt::Display for Rule<'_> {
     }
 }
 
+/// The longest app id (AppIds of the mini-program platforms are well under this).
+pub const MAX_APP_ID_LEN: usize = 64;
+
+/// Whether `id` can name an app: 1 to 64 characters of `A-Z a-z 0-9 _ - .`. The same rule
+/// holds for ids in the config and ids clients present, so a client-supplied id that fails it
+/// can match no app and is never echoed into logs or metrics.
+pub fn is_valid_app_id(id: &str) -> bool {
+    (1..=MAX_APP_ID_LEN).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// One configured miniapp.
 #[derive(Debug, Clone)]
 pub struct App {
