@@ -363,6 +363,36 @@ impl<'p> Decision<'p> {
     }
 }
 
+/// What the first bytes of an established tunnel turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstRecord<'a> {
+    /// A TLS ClientHello, with its server name (SNI) if it sent one.
+    ClientHello(Option<&'a str>),
+    /// Anything else: plaintext, another TLS record, a malformed or truncated ClientHello.
+    NotTls,
+}
+
+/// The decision on a tunnel once its first record is known (with `verify_tls`): the
+/// ClientHello must name the CONNECT host. A failure refuses the tunnel, except for an app in
+/// `report` mode, which records it (keeping an earlier would-be refusal if it had one).
+pub fn after_first_record(
+    decision: (Verdict, Reason),
+    action: Action,
+    target: &Target<'_>,
+    first: FirstRecord<'_>,
+) -> (Verdict, Reason) {
+    let failure = match first {
+        FirstRecord::ClientHello(server_name) if target.is_named_by(server_name) => return decision,
+        FirstRecord::ClientHello(_) => Reason::SniMismatch,
+        FirstRecord::NotTls => Reason::NotTls,
+    };
+    match (action, decision.0) {
+        (Action::Report, Verdict::Allow) => (Verdict::Report, failure),
+        (Action::Report, _) => decision,
+        _ => (Verdict::Deny, failure),
+    }
+}
+
 /// Where `[resolve]` sends a host instead of DNS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResolveOverride {

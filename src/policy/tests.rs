@@ -169,6 +169,23 @@ fn api_calls_follow_the_api_whitelist_and_the_action() {
     assert_eq!(p.decide_api("stranger", "shop.pay"), None);
 }
 
+#[test]
+fn the_first_record_must_be_a_client_hello_for_the_connect_host() {
+    let t = target("api.shop.example:443");
+    let allowed = (Verdict::Allow, Reason::Whitelisted);
+    let named = FirstRecord::ClientHello(Some("API.shop.example"));
+    assert_eq!(after_first_record(allowed, Action::Enforce, &t, named), allowed);
+    let fronted = FirstRecord::ClientHello(Some("cdn.shop.example"));
+    assert_eq!(after_first_record(allowed, Action::Enforce, &t, fronted), (Verdict::Deny, Reason::SniMismatch));
+    let no_sni = FirstRecord::ClientHello(None);
+    assert_eq!(after_first_record(allowed, Action::Open, &t, no_sni), (Verdict::Deny, Reason::SniMismatch));
+    assert_eq!(after_first_record(allowed, Action::Enforce, &t, FirstRecord::NotTls), (Verdict::Deny, Reason::NotTls));
+    // report mode records the failure, or keeps the refusal it already recorded
+    assert_eq!(after_first_record(allowed, Action::Report, &t, FirstRecord::NotTls), (Verdict::Report, Reason::NotTls));
+    let reported = (Verdict::Report, Reason::NotWhitelisted);
+    assert_eq!(after_first_record(reported, Action::Report, &t, FirstRecord::NotTls), reported);
+}
+
 fn label() -> impl Strategy<Value = String> {
     "[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?"
 }

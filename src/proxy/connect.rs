@@ -26,7 +26,7 @@ use super::{ConnectionSlot, OpenTunnel, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::config::Binding;
 use crate::identity::{CertIdentity, IdentityError, identify};
-use crate::policy::{Action, Channel, Reason, Target, Verdict, parse_authority};
+use crate::policy::{Action, Channel, FirstRecord, Reason, Target, Verdict, after_first_record, parse_authority};
 
 /// Per-connection context shared by the requests a keep-alive connection carries.
 pub(crate) struct ConnContext {
@@ -198,7 +198,7 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         idle: config.limits.idle_timeout,
         verify_tls: config.verify_tls,
         hello_timeout: config.limits.header_timeout,
-        report_mode: decision.app.is_some_and(|app| app.action == Action::Report),
+        action: decision.app.map_or(Action::Enforce, |app| app.action),
     };
     let job = run_tunnel(ctx.shared.clone(), ctx.slot.clone(), on_upgrade, upstream, tunnel, open, settings);
     ctx.shared.tracker.spawn(job);
@@ -211,8 +211,8 @@ struct TunnelSettings {
     verify_tls: bool,
     /// How long the client has to send its ClientHello (the header timeout).
     hello_timeout: Duration,
-    /// The app is in `report` mode: TLS check failures are recorded, not enforced.
-    report_mode: bool,
+    /// The action of the app whose rules applied (report mode records TLS failures).
+    action: Action,
 }
 
 /// After `200`: check the client's ClientHello, forward it, splice, and log the tunnel once
@@ -243,26 +243,18 @@ async fn run_tunnel(
     let mut hello = prefix.to_vec();
     if settings.verify_tls {
         let (bytes, peek) = read_client_hello(&prefix, &mut client, settings.hello_timeout).await;
-        let refusal = match peek {
-            Peek::Hello { server_name } if open.target.is_named_by(server_name.as_deref()) => None,
-            Peek::Hello { .. } => Some(Reason::SniMismatch),
-            Peek::NotTls | Peek::NeedMore => Some(Reason::NotTls),
+        let first = match &peek {
+            Peek::Hello { server_name } => FirstRecord::ClientHello(server_name.as_deref()),
+            Peek::NotTls | Peek::NeedMore => FirstRecord::NotTls,
         };
-        match refusal {
-            None => {}
-            // A report-mode tunnel already carrying a would-be refusal keeps that first one.
-            Some(reason) if settings.report_mode && tunnel.record.decision == Verdict::Allow => {
-                tunnel.record.decision = Verdict::Report;
-                tunnel.record.reason = reason;
-            }
-            Some(_) if settings.report_mode => {}
-            Some(reason) => {
-                tunnel.record.decision = Verdict::Deny;
-                tunnel.record.reason = reason;
-                tunnel.count(&shared);
-                shared.log.record(tunnel.finish(Closed::TlsCheck, Transferred::default()));
-                return;
-            }
+        let before = (tunnel.record.decision, tunnel.record.reason);
+        let (verdict, reason) = after_first_record(before, settings.action, &open.target, first);
+        tunnel.record.decision = verdict;
+        tunnel.record.reason = reason;
+        if verdict == Verdict::Deny {
+            tunnel.count(&shared);
+            shared.log.record(tunnel.finish(Closed::TlsCheck, Transferred::default()));
+            return;
         }
         hello = bytes;
     }
