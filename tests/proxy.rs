@@ -428,6 +428,12 @@ async fn hostile_requests_get_answers_not_panics() {
         .expect("neither an answer nor a close");
         assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "{request:?} got {text:?}");
     }
+    // a request head over 16 KiB is refused by size
+    let big = format!("CONNECT a.example:443 HTTP/1.1\r\nX-Big: {}\r\n\r\n", "b".repeat(20_000));
+    let mut stream = TcpStream::connect(gw.addr()).await.unwrap();
+    let _ = stream.write_all(big.as_bytes()).await;
+    let head = tokio::time::timeout(WAIT, read_head(&mut stream)).await.unwrap().unwrap().unwrap().0;
+    assert!(head.starts_with("HTTP/1.1 431 "), "{head}");
     // the gateway still serves
     let answer = demo(&gw, "api.shop.example:443").await;
     assert_eq!(answer.status, 200);
