@@ -16,7 +16,6 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::client_hello::{Peek, read_client_hello};
 use super::response::{self, Body};
@@ -192,7 +191,7 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         app: identity.app.clone(),
         channel: identity.channel,
         target: Target { host: target.host.into_owned(), port: target.port },
-        revoke: CancellationToken::new(),
+        revoke: ctx.shared.abort.child_token(),
     };
     let settings = TunnelSettings {
         idle: config.limits.idle_timeout,
