@@ -73,6 +73,28 @@ struct JsonLine<'a> {
 }
 
 impl AccessRecord {
+    /// A decision about `client`, stamped now; everything else starts empty.
+    pub fn new(client: SocketAddr, generation: u64, decision: Verdict, reason: Reason, status: u16) -> AccessRecord {
+        AccessRecord {
+            ts: SystemTime::now(),
+            app: None,
+            channel: None,
+            client,
+            host: None,
+            port: None,
+            decision,
+            reason,
+            rule: None,
+            status,
+            upstream: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+            generation,
+            closed_by: None,
+        }
+    }
+
     fn write_json(&self, out: &mut impl Write) -> std::io::Result<()> {
         let line = JsonLine {
             ts: humantime::format_rfc3339_millis(self.ts).to_string(),

@@ -61,24 +61,14 @@ impl Attempt<'_> {
     }
 
     fn record(&self, decision: Verdict, reason: Reason, rule: Option<String>, status: u16) -> AccessRecord {
-        AccessRecord {
-            ts: SystemTime::now(),
-            app: self.app.clone(),
-            channel: self.channel,
-            client: self.client,
-            host: self.host.clone(),
-            port: self.port,
-            decision,
-            reason,
-            rule,
-            status,
-            upstream: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            duration_ms: self.started.elapsed().as_millis() as u64,
-            generation: self.snapshot.config.generation,
-            closed_by: None,
-        }
+        let mut record = AccessRecord::new(self.client, self.snapshot.config.generation, decision, reason, status);
+        record.app = self.app.clone();
+        record.channel = self.channel;
+        record.host = self.host.clone();
+        record.port = self.port;
+        record.rule = rule;
+        record.duration_ms = self.started.elapsed().as_millis() as u64;
+        record
     }
 
     fn count(&self, verdict: Verdict, reason: Reason) {

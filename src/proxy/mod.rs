@@ -315,24 +315,9 @@ fn turn_away(stream: TcpStream, client: SocketAddr, shared: &Arc<Shared>) {
     let _ = stream.try_write(&shared.overloaded_response);
     let snapshot = shared.live.load();
     snapshot.counters.count(None, None, Verdict::Deny, Reason::Overloaded);
-    shared.log.record(AccessRecord {
-        ts: std::time::SystemTime::now(),
-        app: None,
-        channel: None,
-        client,
-        host: None,
-        port: None,
-        decision: Verdict::Deny,
-        reason: Reason::Overloaded,
-        rule: None,
-        status: Reason::Overloaded.status(),
-        upstream: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        duration_ms: 0,
-        generation: snapshot.config.generation,
-        closed_by: None,
-    });
+    let status = Reason::Overloaded.status();
+    let record = AccessRecord::new(client, snapshot.config.generation, Verdict::Deny, Reason::Overloaded, status);
+    shared.log.record(record);
     // Closing at once with the request unread would reset the connection and could destroy
     // the 503 in flight; give the client a moment to read it, within a bounded budget.
     if let Ok(linger) = shared.lingering.clone().try_acquire_owned() {
