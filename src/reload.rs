@@ -57,11 +57,6 @@ impl Reloader {
         Reloader { shared, loader: tokio::sync::Mutex::new(loader) }
     }
 
-    /// The generation in force.
-    pub fn generation(&self) -> u64 {
-        self.shared.live.load().config.generation
-    }
-
     /// Load the config file again; swap it in and revoke what it no longer allows, or keep
     /// the running policy and return every error.
     pub async fn reload(&self, trigger: Trigger) -> Result<u64, ConfigErrors> {

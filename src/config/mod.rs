@@ -150,10 +150,6 @@ impl Loader {
         Loader { path: path.to_path_buf(), cache: AppsCache::default() }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn load(&mut self) -> Result<Config, ConfigErrors> {
         validate::load(&self.path, &mut self.cache)
     }

@@ -106,10 +106,6 @@ impl Verdict {
             Verdict::Report => "report",
         }
     }
-
-    pub fn lets_through(self) -> bool {
-        !matches!(self, Verdict::Deny)
-    }
 }
 
 /// Why: the machine-readable reason of every decision, allowed or refused.
@@ -444,10 +440,6 @@ impl Policy {
         self.apps.values().map(|a| a.server_domains.len() + a.webview_domains.len()).sum::<usize>()
             + self.rules.global_allow.len()
             + self.rules.global_deny.len()
-    }
-
-    pub fn rules(&self) -> &GlobalRules {
-        &self.rules
     }
 
     /// The app whose rules govern `app_id`: itself, or the `unknown_app` fallback.

@@ -178,10 +178,6 @@ impl Gateway {
         self.reloader.clone()
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
-    }
-
     /// Serve until `shutdown` completes, then drain (see the module docs). The admin listener
     /// keeps answering while the tunnels drain (`/readyz` says 503), and stops last.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
