@@ -20,7 +20,8 @@ use crate::policy::{Host, Policy, Reason, Target};
 const POSITIVE_TTL: Duration = Duration::from_secs(30);
 /// How long a failed lookup is remembered, so a storm of tunnels to a dead name costs one.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
-/// Beyond this many cached names, expired entries are swept before inserting.
+/// At most this many names are cached. When full, expired entries are swept; if none has
+/// expired the answer is used but not cached, so a flood of unique names cannot grow it.
 const MAX_CACHED: usize = 10_000;
 
 /// Why the upstream could not be reached; each maps to one refusal reason.
@@ -54,12 +55,22 @@ struct Cached {
 }
 
 /// The system resolver (getaddrinfo: `/etc/hosts`, then DNS) behind a small TTL cache.
-#[derive(Default)]
 pub struct Resolver {
     cache: DashMap<Box<str>, Cached>,
+    capacity: usize,
+}
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Resolver::with_capacity(MAX_CACHED)
+    }
 }
 
 impl Resolver {
+    pub fn with_capacity(capacity: usize) -> Resolver {
+        Resolver { cache: DashMap::new(), capacity }
+    }
+
     pub async fn lookup(&self, host: &str) -> Result<Arc<[IpAddr]>, String> {
         let now = Instant::now();
         if let Some(hit) = self.cache.get(host)
@@ -75,10 +86,12 @@ impl Resolver {
             Err(e) => Err(e.to_string()),
         };
         let ttl = if answer.is_ok() { POSITIVE_TTL } else { NEGATIVE_TTL };
-        if self.cache.len() >= MAX_CACHED {
+        if self.cache.len() >= self.capacity {
             self.cache.retain(|_, cached| cached.expires > now);
         }
-        self.cache.insert(host.into(), Cached { answer: answer.clone(), expires: now + ttl });
+        if self.cache.len() < self.capacity {
+            self.cache.insert(host.into(), Cached { answer: answer.clone(), expires: now + ttl });
+        }
         answer
     }
 }
@@ -141,4 +154,21 @@ async fn connect_any(
         }
     }
     Err(DialError::Unreachable(last_error.unwrap_or_else(|| io::Error::other("no address to connect to"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_cache_never_grows_past_its_capacity() {
+        // numeric names: getaddrinfo answers them without DNS
+        let resolver = Resolver::with_capacity(2);
+        for name in ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+            let answer = resolver.lookup(name).await.unwrap();
+            assert_eq!(answer[0].to_string(), name, "an uncached answer is still used");
+        }
+        assert_eq!(resolver.cache.len(), 2);
+        assert!(resolver.cache.contains_key("127.0.0.1"), "fresh entries are kept");
+    }
 }
