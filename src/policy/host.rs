@@ -88,6 +88,9 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, HostError> {
     if trimmed.is_empty() {
         return Err(HostError::Empty);
     }
+    if is_normal_form(trimmed.as_bytes()) {
+        return Ok(Cow::Borrowed(trimmed));
+    }
     let normalized = if is_plain_lowercase_ascii(trimmed) {
         Cow::Borrowed(trimmed)
     } else {
@@ -95,6 +98,34 @@ pub fn normalize_host(raw: &str) -> Result<Cow<'_, str>, HostError> {
     };
     check_dns_shape(&normalized)?;
     Ok(normalized)
+}
+
+/// The hot path's test, in one pass: a name that is already a valid DNS name in normal form
+/// (lowercase ASCII letters, digits, `-`, `_`; non-empty labels of at most 63 bytes; no
+/// punycode label; at most 253 bytes). Anything else, valid or not, takes the full path, so
+/// the errors reported are the same either way.
+fn is_normal_form(name: &[u8]) -> bool {
+    if name.is_empty() || name.len() > MAX_HOST_LEN {
+        return false;
+    }
+    let mut label_start = 0;
+    for (i, &b) in name.iter().enumerate() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => {}
+            b'.' => {
+                if !is_plain_label(&name[label_start..i]) {
+                    return false;
+                }
+                label_start = i + 1;
+            }
+            _ => return false,
+        }
+    }
+    is_plain_label(&name[label_start..])
+}
+
+fn is_plain_label(label: &[u8]) -> bool {
+    (1..=MAX_LABEL_LEN).contains(&label.len()) && !label.starts_with(b"xn--")
 }
 
 /// True when the name needs no IDNA processing: lowercase letters, digits, `-`, `_`, `.`,
@@ -126,16 +157,18 @@ fn check_dns_shape(name: &str) -> Result<(), HostError> {
 /// WHATWG's "ends in a number" test: a host whose last label is numeric is an IPv4 address
 /// to every URL parser and to `inet_aton`, so it must never be treated as a domain name.
 fn looks_like_ipv4(raw: &str) -> bool {
-    let trimmed = raw.strip_suffix('.').unwrap_or(raw);
-    let last = trimmed.rsplit('.').next().unwrap_or(trimmed);
+    let trimmed = raw.as_bytes().strip_suffix(b".").unwrap_or(raw.as_bytes());
+    let last = match trimmed.iter().rposition(|&b| b == b'.') {
+        Some(dot) => &trimmed[dot + 1..],
+        None => trimmed,
+    };
     if last.is_empty() {
         return false;
     }
-    if last.bytes().all(|b| b.is_ascii_digit()) {
+    if last.iter().all(u8::is_ascii_digit) {
         return true;
     }
-    let lower = last.as_bytes();
-    lower.len() >= 2 && lower[0] == b'0' && (lower[1] | 0x20) == b'x' && lower[2..].iter().all(u8::is_ascii_hexdigit)
+    last.len() >= 2 && last[0] == b'0' && (last[1] | 0x20) == b'x' && last[2..].iter().all(u8::is_ascii_hexdigit)
 }
 
 /// Parse the IPv4 forms `inet_aton` accepts (1 to 4 parts, decimal, octal or hex), so that
@@ -219,6 +252,23 @@ mod tests {
         assert_eq!(normalize_host(&long_label), Err(HostError::LabelTooLong));
         let long_name = ["abcdefghij"; 26].join(".");
         assert_eq!(normalize_host(&long_name), Err(HostError::TooLong));
+    }
+
+    proptest::proptest! {
+        /// The one-pass check never accepts what the full path would change or refuse.
+        #[test]
+        fn the_fast_path_agrees_with_the_full_path(raw in "(xn--|[a-zA-Z0-9._ü-]){0,70}") {
+            if is_normal_form(raw.as_bytes()) {
+                let full = if is_plain_lowercase_ascii(&raw) {
+                    check_dns_shape(&raw).map(|()| raw.clone())
+                } else {
+                    idna::domain_to_ascii_cow(raw.as_bytes(), DENIED_ASCII)
+                        .map_err(|_| HostError::Invalid)
+                        .map(|name| name.into_owned())
+                };
+                proptest::prop_assert_eq!(full, Ok(raw));
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Entries are stored in one hash map keyed by the normalized name they are anchored on. A
 //! lookup hashes the host itself and then each of its parent suffixes (`a.b.c`, `b.c`, `c`),
 //! so its cost grows with the number of labels in the host, never with the number of entries
-//! or apps. Keys are whole names, which is what keeps matching on label boundaries. The maps
+//! or apps; a mask of the label counts the anchors have skips the suffixes no entry can be
+//! anchored on (lists name two- to four-label domains, hosts are often longer). Keys are whole names, which is what keeps matching on label boundaries. The maps
 //! hash with foldhash (seeded per process): keys come from the operator's config, lookups
 //! from clients, and a lookup never inserts, so a fast hash is safe here.
 
@@ -18,6 +19,12 @@ use super::entry::{Entry, Pattern};
 pub struct DomainList {
     entries: Vec<Entry>,
     by_anchor: HashMap<Box<str>, Vec<u16>, RandomState>,
+    /// Bit `n` is set when some anchor has `n` labels (a DNS name has at most 127).
+    anchor_labels: u128,
+}
+
+fn label_count(name: &str) -> usize {
+    name.bytes().filter(|&b| b == b'.').count() + 1
 }
 
 impl DomainList {
@@ -25,11 +32,14 @@ impl DomainList {
     pub fn new(entries: Vec<Entry>) -> Self {
         let mut by_anchor: HashMap<Box<str>, Vec<u16>, RandomState> =
             HashMap::with_capacity_and_hasher(entries.len(), RandomState::default());
+        let mut anchor_labels = 0;
         for (index, entry) in entries.iter().enumerate() {
             let index = u16::try_from(index).expect("domain lists are validated to be short");
-            by_anchor.entry(entry.pattern.anchor().into()).or_default().push(index);
+            let anchor = entry.pattern.anchor();
+            anchor_labels |= 1u128 << label_count(anchor).min(127);
+            by_anchor.entry(anchor.into()).or_default().push(index);
         }
-        DomainList { entries, by_anchor }
+        DomainList { entries, by_anchor, anchor_labels }
     }
 
     pub fn entries(&self) -> &[Entry] {
@@ -50,18 +60,32 @@ impl DomainList {
         if self.by_anchor.is_empty() {
             return None;
         }
-        if let Some(found) = self.find_at(host, port, |p| matches!(p, Pattern::Exact(_) | Pattern::Domain(_))) {
-            return Some(found);
-        }
-        let mut rest = host;
-        while let Some(dot) = rest.find('.') {
-            rest = &rest[dot + 1..];
-            let found = self.find_at(rest, port, |p| matches!(p, Pattern::Subdomains(_) | Pattern::Domain(_)));
+        let mut labels = label_count(host).min(127);
+        if self.has_anchors_of(labels) {
+            let found = self.find_at(host, port, |p| matches!(p, Pattern::Exact(_) | Pattern::Domain(_)));
             if found.is_some() {
                 return found;
             }
         }
+        let mut rest = host;
+        while let Some(dot) = rest.as_bytes().iter().position(|&b| b == b'.') {
+            rest = &rest[dot + 1..];
+            labels = labels.saturating_sub(1);
+            if self.anchor_labels & ((1u128 << (labels + 1)) - 1) == 0 {
+                break; // no anchor is this short
+            }
+            if self.has_anchors_of(labels) {
+                let found = self.find_at(rest, port, |p| matches!(p, Pattern::Subdomains(_) | Pattern::Domain(_)));
+                if found.is_some() {
+                    return found;
+                }
+            }
+        }
         None
+    }
+
+    fn has_anchors_of(&self, labels: usize) -> bool {
+        self.anchor_labels & (1u128 << labels) != 0
     }
 
     fn find_at(&self, anchor: &str, port: u16, kind: impl Fn(&Pattern) -> bool) -> Option<u16> {
@@ -117,6 +141,21 @@ mod tests {
         assert_eq!(l.find("ws.shop.example", 1), Some(0));
         assert_eq!(l.find("ws.shop.example", 65535), Some(0));
         assert_eq!(l.find("x.ws.shop.example", 443), None);
+    }
+
+    #[test]
+    fn anchors_of_any_label_count_are_found_from_hosts_of_any_length() {
+        let l = list(&["*.example", "*.b.c.d.example", "x.y.example"]);
+        assert_eq!(l.find("a.example", 443), Some(0));
+        assert_eq!(l.find("x.y.example", 443), Some(2));
+        assert_eq!(l.find("z.x.y.example", 443), Some(0));
+        assert_eq!(l.find("a.b.c.d.example", 443), Some(1));
+        assert_eq!(l.find("q.a.b.c.d.example", 443), Some(1));
+        assert_eq!(l.find("q.a.c.d.example", 443), Some(0));
+        assert_eq!(l.find("example", 443), None);
+        let deep = format!("{}example", "a.".repeat(120));
+        assert_eq!(l.find(&deep, 443), Some(0));
+        assert_eq!(list(&["*.b.c.d.example"]).find("e.c.d.example", 443), None);
     }
 
     #[test]

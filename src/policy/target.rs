@@ -41,14 +41,26 @@ pub enum TargetError {
 
 /// Parse a CONNECT request target (`api.shop.example:443`, `[2001:db8::1]:443`).
 pub fn parse_authority(raw: &str) -> Result<Target<'_>, TargetError> {
-    if raw.contains('@') {
+    // One pass for what must not be there and where the port starts.
+    let (mut userinfo, mut not_authority, mut colons, mut last_colon) = (false, false, 0, None);
+    for (i, &b) in raw.as_bytes().iter().enumerate() {
+        match b {
+            b'@' => userinfo = true,
+            b'/' | b'?' | b'#' | b'\\' => not_authority = true,
+            b':' => (colons, last_colon) = (colons + 1, Some(i)),
+            _ => {}
+        }
+    }
+    if userinfo {
         return Err(TargetError::Userinfo);
     }
-    if raw.contains(['/', '?', '#', '\\']) {
+    if not_authority {
         return Err(TargetError::NotAuthority);
     }
-    let (host, port) = raw.rsplit_once(':').ok_or(TargetError::MissingPort)?;
-    if host.starts_with('[') != host.ends_with(']') || (!host.starts_with('[') && host.contains(':')) {
+    let colon = last_colon.ok_or(TargetError::MissingPort)?;
+    let (host, port) = (&raw[..colon], &raw[colon + 1..]);
+    let bracketed = host.starts_with('[');
+    if bracketed != host.ends_with(']') || (!bracketed && colons > 1) {
         return Err(TargetError::NotAuthority);
     }
     let port = parse_port(port)?;
@@ -61,10 +73,17 @@ pub fn parse_port(raw: &str) -> Result<u16, TargetError> {
     if raw.is_empty() {
         return Err(TargetError::MissingPort);
     }
-    if raw.len() > 5 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+    if raw.len() > 5 {
         return Err(TargetError::BadPort);
     }
-    match raw.parse::<u16>() {
+    let mut value: u32 = 0;
+    for b in raw.bytes() {
+        if !b.is_ascii_digit() {
+            return Err(TargetError::BadPort);
+        }
+        value = value * 10 + u32::from(b - b'0');
+    }
+    match u16::try_from(value) {
         Ok(0) | Err(_) => Err(TargetError::BadPort),
         Ok(port) => Ok(port),
     }
