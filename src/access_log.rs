@@ -2,14 +2,16 @@
 //!
 //! Connection tasks hand a finished [`AccessRecord`] to a bounded channel; a dedicated thread
 //! formats and writes it, so a slow stdout never stalls a tunnel. When the channel is full a
-//! record is dropped and counted rather than blocking the proxy.
+//! record is dropped and counted rather than blocking the proxy. The thread writes in batches
+//! (see [`BATCH_WINDOW`]), so a busy gateway wakes it a hundred times a second rather than
+//! once per connection.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -18,6 +20,13 @@ use crate::policy::{Channel, Reason, Verdict};
 
 /// How many records may wait for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
+
+/// Once a record arrives, the writer waits this long for more and then writes them all in one
+/// call. Waking the thread for every record cost a futex call and a context switch per
+/// connection; now a busy gateway wakes it once per window, and an idle one not at all. A line
+/// reaches the log at most this much later. (The queue holds 16,384 records per window: 1.6
+/// million a second.)
+pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
 /// How access log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -163,24 +172,25 @@ impl AccessLog {
         let thread = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
-                // Each line is formatted whole and written in one call, so readers of a pipe
-                // (and of a file being appended to) never see half a record.
-                let mut line = Vec::with_capacity(512);
-                while let Some(record) = rx.blocking_recv() {
-                    let mut write = |record: &AccessRecord| {
-                        line.clear();
-                        match format {
-                            LogFormat::Json => record.write_json(&mut line)?,
-                            LogFormat::Text => record.write_text(&mut line)?,
-                        }
-                        out.write_all(&line)
-                    };
-                    let mut result = write(&record);
+                // Whole lines are formatted into one buffer and written in one call: the log
+                // is ours alone (diagnostics go to stderr), so no reader sees half a record.
+                let mut batch = Vec::with_capacity(64 * 1024);
+                let format_into = |batch: &mut Vec<u8>, record: &AccessRecord| match format {
+                    LogFormat::Json => record.write_json(batch),
+                    LogFormat::Text => record.write_text(batch),
+                };
+                while let Some(first) = rx.blocking_recv() {
+                    std::thread::sleep(BATCH_WINDOW);
+                    batch.clear();
+                    let mut result = format_into(&mut batch, &first);
                     while let Ok(more) = rx.try_recv() {
-                        result = result.and(write(&more));
+                        result = result.and(format_into(&mut batch, &more));
                     }
-                    if let Err(e) = result.and(out.flush()) {
+                    if let Err(e) = result.and(out.write_all(&batch)).and(out.flush()) {
                         tracing::warn!(error = %e, "cannot write the access log");
+                    }
+                    if batch.capacity() > 1024 * 1024 {
+                        batch = Vec::with_capacity(64 * 1024); // a burst passed; give it back
                     }
                 }
             })
@@ -203,5 +213,46 @@ impl AccessLogWriter {
     /// Wait for the writer to drain; returns once every [`AccessLog`] handle is dropped.
     pub fn finish(self) {
         let _ = self.thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A writer that keeps what it is given and counts the calls that gave it.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let mut inner = self.0.lock().unwrap();
+            inner.0.extend_from_slice(buf);
+            inner.1 += 1;
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_arrive_whole_in_batches_and_none_is_lost_at_the_end() {
+        let out = Recorder::default();
+        let (log, writer) = AccessLog::start(LogFormat::Json, Box::new(out.clone()));
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        for generation in 0..2_000 {
+            log.record(AccessRecord::new(client, generation, Verdict::Deny, Reason::NotWhitelisted, 403));
+        }
+        drop(log);
+        writer.finish();
+        let (bytes, writes) = out.0.lock().unwrap().clone();
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8(bytes).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let generations: Vec<u64> = lines.iter().map(|l| l["generation"].as_u64().unwrap()).collect();
+        assert_eq!(generations, (0..2_000).collect::<Vec<_>>(), "every record, once, in order");
+        assert!(writes < 100, "2,000 records queued at once are written in a few calls, not {writes}");
     }
 }
