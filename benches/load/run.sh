@@ -109,7 +109,10 @@ NGINX
 nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
 
 # --- miniapp-gateway ----------------------------------------------------------------------
-cat > "$work/gateway.toml" <<TOML
+# In a directory of its own, as deployed: the reload watcher is told of every file event in
+# the config's directory, nginx opening the files it serves included.
+mkdir "$work/gateway"
+cat > "$work/gateway/gateway.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW"
 admin_listen = "127.0.0.1:$GW_ADMIN"
@@ -122,7 +125,7 @@ id = "bench"
 token = "bench-secret"
 server_domains = ["https://$ORIGIN_NAME:$ORIGIN"]
 TOML
-env RUST_LOG=warn ${GATEWAY_THREADS:+TOKIO_WORKER_THREADS=$GATEWAY_THREADS} "$gateway_bin" run -c "$work/gateway.toml" > /dev/null & pids+=($!)
+env RUST_LOG=warn ${GATEWAY_THREADS:+TOKIO_WORKER_THREADS=$GATEWAY_THREADS} "$gateway_bin" run -c "$work/gateway/gateway.toml" > /dev/null & pids+=($!)
 gw_pid=$!
 AUTH="Basic $(printf 'bench:bench-secret' | base64)"
 
