@@ -396,16 +396,25 @@ mod tests {
         (client_peer, client_side, upstream_side, upstream_peer)
     }
 
+    /// A TCP splice with a minute's idle timeout and nothing to stop it.
+    fn spawn_splice_tcp(
+        client: TcpStream,
+        upstream: TcpStream,
+        bytes: ByteCounters,
+    ) -> tokio::task::JoinHandle<(Closed, Transferred)> {
+        tokio::spawn(async move {
+            let (abort, revoke) = (CancellationToken::new(), CancellationToken::new());
+            let stops = Stops { abort: &abort, revoke: &revoke };
+            splice_tcp(client, upstream, Duration::from_secs(60), stops, &bytes).await
+        })
+    }
+
     #[tokio::test]
     async fn tcp_splice_moves_bulk_bytes_and_passes_half_closes_on() {
         let (mut client_peer, client, upstream, mut upstream_peer) = socket_pairs().await;
         let bytes = counters();
         let totals = bytes.clone();
-        let task = tokio::spawn(async move {
-            let (abort, revoke) = (CancellationToken::new(), CancellationToken::new());
-            splice_tcp(client, upstream, Duration::from_secs(60), Stops { abort: &abort, revoke: &revoke }, &bytes)
-                .await
-        });
+        let task = spawn_splice_tcp(client, upstream, bytes);
         let payload: Vec<u8> = (0..3 * BURST + 17).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
         let writer = tokio::spawn(async move {
@@ -432,11 +441,7 @@ mod tests {
     #[tokio::test]
     async fn tcp_splice_keeps_up_with_exchanges_of_every_size() {
         let (mut client_peer, client, upstream, mut upstream_peer) = socket_pairs().await;
-        let task = tokio::spawn(async move {
-            let (abort, revoke) = (CancellationToken::new(), CancellationToken::new());
-            let stops = Stops { abort: &abort, revoke: &revoke };
-            splice_tcp(client, upstream, Duration::from_secs(60), stops, &counters()).await
-        });
+        let task = spawn_splice_tcp(client, upstream, counters());
         let sizes = [1, 2, 100, 1500, BURST - 1, BURST, BURST + 1, 2 * BURST, 7, 3 * BURST - 5];
         let echo = tokio::spawn(async move {
             for size in sizes {
