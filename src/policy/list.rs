@@ -4,9 +4,10 @@
 //! lookup hashes the host itself and then each of its parent suffixes (`a.b.c`, `b.c`, `c`),
 //! so its cost grows with the number of labels in the host, never with the number of entries
 //! or apps; a mask of the label counts the anchors have skips the suffixes no entry can be
-//! anchored on (lists name two- to four-label domains, hosts are often longer). Keys are whole names, which is what keeps matching on label boundaries. The maps
-//! hash with foldhash (seeded per process): keys come from the operator's config, lookups
-//! from clients, and a lookup never inserts, so a fast hash is safe here.
+//! anchored on (lists name two- to four-label domains, hosts are often longer). Keys are
+//! whole names, which is what keeps matching on label boundaries. The maps hash with foldhash
+//! (seeded per process): keys come from the operator's config, lookups from clients, and a
+//! lookup never inserts, so a fast hash is safe here.
 
 use std::collections::HashMap;
 
