@@ -72,8 +72,8 @@ impl DomainList {
         while let Some(dot) = rest.as_bytes().iter().position(|&b| b == b'.') {
             rest = &rest[dot + 1..];
             labels = labels.saturating_sub(1);
-            if self.anchor_labels & ((1u128 << (labels + 1)) - 1) == 0 {
-                break; // no anchor is this short
+            if labels < self.anchor_labels.trailing_zeros() as usize {
+                break; // shorter than every anchor
             }
             if self.has_anchors_of(labels) {
                 let found = self.find_at(rest, port, |p| matches!(p, Pattern::Subdomains(_) | Pattern::Domain(_)));
