@@ -8,11 +8,10 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use prometheus::IntCounter;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -156,7 +155,8 @@ impl AccessRecord {
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     tx: mpsc::Sender<AccessRecord>,
-    dropped: Arc<AtomicU64>,
+    /// `gateway_access_log_dropped_total`, registered by the gateway with its metrics.
+    dropped: IntCounter,
 }
 
 /// The writer thread; [`AccessLogWriter::finish`] waits until every queued line is written.
@@ -166,6 +166,11 @@ pub struct AccessLogWriter {
 }
 
 impl AccessLog {
+    /// The counter of dropped records, to register with the gateway's metrics.
+    pub fn dropped_counter(&self) -> IntCounter {
+        self.dropped.clone()
+    }
+
     /// Start a writer thread that formats records as `format` into `out`.
     pub fn start(format: LogFormat, mut out: Box<dyn Write + Send>) -> (AccessLog, AccessLogWriter) {
         let (tx, mut rx) = mpsc::channel::<AccessRecord>(QUEUE);
@@ -195,13 +200,19 @@ impl AccessLog {
                 }
             })
             .expect("spawning the access log thread");
-        (AccessLog { tx, dropped: Arc::new(AtomicU64::new(0)) }, AccessLogWriter { thread })
+        let dropped = IntCounter::new(
+            "gateway_access_log_dropped_total",
+            "Access log records dropped because the writer fell behind.",
+        )
+        .expect("valid metric");
+        (AccessLog { tx, dropped }, AccessLogWriter { thread })
     }
 
     /// Queue a record; never waits.
     pub fn record(&self, record: AccessRecord) {
         if self.tx.try_send(record).is_err() {
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            self.dropped.inc();
+            let dropped = self.dropped.get();
             if dropped.is_power_of_two() {
                 tracing::warn!(dropped, "access log queue full; records dropped");
             }
@@ -210,16 +221,25 @@ impl AccessLog {
 }
 
 impl AccessLogWriter {
-    /// Wait for the writer to drain; returns once every [`AccessLog`] handle is dropped.
-    pub fn finish(self) {
+    /// Wait for the writer to drain, once every [`AccessLog`] handle is dropped, for at most
+    /// `limit` (a stuck stdout must not hold the exit forever). Whether it drained.
+    pub fn finish(self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.thread.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.thread.join();
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     /// A writer that keeps what it is given and counts the calls that gave it.
     #[derive(Clone, Default)]
@@ -247,12 +267,41 @@ mod tests {
             log.record(AccessRecord::new(client, generation, Verdict::Deny, Reason::NotWhitelisted, 403));
         }
         drop(log);
-        writer.finish();
+        assert!(writer.finish(Duration::from_secs(10)));
         let (bytes, writes) = out.0.lock().unwrap().clone();
         let lines: Vec<serde_json::Value> =
             String::from_utf8(bytes).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         let generations: Vec<u64> = lines.iter().map(|l| l["generation"].as_u64().unwrap()).collect();
         assert_eq!(generations, (0..2_000).collect::<Vec<_>>(), "every record, once, in order");
         assert!(writes < 100, "2,000 records queued at once are written in a few calls, not {writes}");
+    }
+
+    /// A writer stuck until its gate opens (a stdout nobody reads).
+    struct Stuck(std::sync::mpsc::Receiver<()>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_writer_drops_and_counts_records_and_cannot_hold_the_exit() {
+        let (open, gate) = std::sync::mpsc::channel();
+        let (log, writer) = AccessLog::start(LogFormat::Json, Box::new(Stuck(gate)));
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let dropped = log.dropped_counter();
+        for generation in 0..(QUEUE as u64 + 100) {
+            log.record(AccessRecord::new(client, generation, Verdict::Deny, Reason::NotWhitelisted, 403));
+        }
+        assert!(dropped.get() >= 99, "the queue holds {QUEUE}; the rest are counted, got {}", dropped.get());
+        drop(log);
+        assert!(!writer.finish(Duration::from_millis(100)), "gives up on a writer that never returns");
+        drop(open);
     }
 }

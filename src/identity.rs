@@ -23,6 +23,16 @@ pub const CHANNEL_HEADER: &str = "x-miniapp-channel";
 pub struct Identity {
     pub app: Box<str>,
     pub channel: Channel,
+    pub proof: Proof,
+}
+
+/// What established an identity (a reload checks it again for the tunnels it opened).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    Listener,
+    Certificate,
+    /// The password of `Proxy-Authorization: Basic`.
+    Token(Box<str>),
 }
 
 /// Why no identity could be established.
@@ -36,6 +46,9 @@ pub enum IdentityError {
     BadCredentials { app: Option<Box<str>> },
     #[error("X-Miniapp-Channel must be request or webview")]
     BadChannel,
+    /// Two `Proxy-Authorization` headers: which one counts would be a guess.
+    #[error("more than one Proxy-Authorization header")]
+    Ambiguous,
 }
 
 /// The app a verified client certificate names, and the channel if it fixes one.
@@ -54,7 +67,7 @@ pub fn identify(
     policy: &Policy,
 ) -> Result<Identity, IdentityError> {
     if let Some(binding) = binding {
-        return Ok(Identity { app: binding.app.clone(), channel: binding.channel });
+        return Ok(Identity { app: binding.app.clone(), channel: binding.channel, proof: Proof::Listener });
     }
     let header_channel = || match headers.get(CHANNEL_HEADER) {
         None => Ok(Channel::Request),
@@ -65,20 +78,31 @@ pub fn identify(
             Some(channel) => channel,
             None => header_channel()?,
         };
-        return Ok(Identity { app: cert.app.clone(), channel });
+        return Ok(Identity { app: cert.app.clone(), channel, proof: Proof::Certificate });
     }
     let channel = header_channel()?;
-    let header = headers.get(PROXY_AUTHORIZATION).ok_or(IdentityError::Missing)?;
+    let mut values = headers.get_all(PROXY_AUTHORIZATION).iter();
+    let header = values.next().ok_or(IdentityError::Missing)?;
+    if values.next().is_some() {
+        return Err(IdentityError::Ambiguous);
+    }
     let (app, token) = parse_basic(header.as_bytes()).ok_or(IdentityError::BadCredentials { app: None })?;
     if !is_valid_app_id(&app) {
         return Err(IdentityError::BadCredentials { app: None });
     }
-    if let Some(expected) = policy.app(&app).and_then(|a| a.token.as_deref())
-        && !bool::from(expected.as_bytes().ct_eq(token.as_bytes()))
-    {
+    if !token_accepted(policy, &app, &token) {
         return Err(IdentityError::BadCredentials { app: Some(app.into()) });
     }
-    Ok(Identity { app: app.into(), channel })
+    Ok(Identity { app: app.into(), channel, proof: Proof::Token(token.into()) })
+}
+
+/// Whether `token` is a right password for `app`: the app's token when it has one (compared
+/// in constant time), anything otherwise.
+pub fn token_accepted(policy: &Policy, app: &str, token: &str) -> bool {
+    match policy.app(app).and_then(|a| a.token.as_deref()) {
+        Some(expected) => bool::from(expected.as_bytes().ct_eq(token.as_bytes())),
+        None => true,
+    }
 }
 
 /// `Basic base64(user:password)`, scheme case-insensitive, as (user, password).
@@ -121,7 +145,10 @@ mod tests {
     fn basic_auth_names_the_app_and_checks_its_token() {
         let p = policy();
         let ok = identify(None, None, &headers(&[("proxy-authorization", &basic("demo:s3cret"))]), &p).unwrap();
-        assert_eq!(ok, Identity { app: "demo".into(), channel: Channel::Request });
+        assert_eq!(
+            ok,
+            Identity { app: "demo".into(), channel: Channel::Request, proof: Proof::Token("s3cret".into()) }
+        );
         let wrong = identify(None, None, &headers(&[("proxy-authorization", &basic("demo:guess"))]), &p);
         assert_eq!(wrong, Err(IdentityError::BadCredentials { app: Some("demo".into()) }));
         let any = identify(None, None, &headers(&[("proxy-authorization", &basic("free:whatever"))]), &p);
@@ -129,6 +156,15 @@ mod tests {
         let lower =
             identify(None, None, &headers(&[("proxy-authorization", &basic("free:x").replace("Basic", "basic"))]), &p);
         assert!(lower.is_ok());
+    }
+
+    #[test]
+    fn two_proxy_authorization_headers_are_refused() {
+        let p = policy();
+        let mut h = HeaderMap::new();
+        h.append("proxy-authorization", basic("free:x").parse().unwrap());
+        h.append("proxy-authorization", basic("demo:s3cret").parse().unwrap());
+        assert_eq!(identify(None, None, &h, &p), Err(IdentityError::Ambiguous));
     }
 
     #[test]
@@ -156,7 +192,8 @@ mod tests {
         let p = policy();
         let cert = CertIdentity { app: "free".into(), channel: None };
         let h = headers(&[("proxy-authorization", &basic("demo:guess")), ("x-miniapp-channel", "webview")]);
-        assert_eq!(identify(None, Some(&cert), &h, &p), Ok(Identity { app: "free".into(), channel: Channel::Webview }));
+        let expected = Identity { app: "free".into(), channel: Channel::Webview, proof: Proof::Certificate };
+        assert_eq!(identify(None, Some(&cert), &h, &p), Ok(expected));
         let webview = CertIdentity { app: "demo".into(), channel: Some(Channel::Webview) };
         let h = headers(&[("x-miniapp-channel", "request")]);
         assert_eq!(identify(None, Some(&webview), &h, &p).unwrap().channel, Channel::Webview);
@@ -175,7 +212,7 @@ mod tests {
         let h = headers(&[("x-miniapp-channel", "request")]);
         assert_eq!(
             identify(Some(&binding), None, &h, &p).unwrap(),
-            Identity { app: "demo".into(), channel: Channel::Webview }
+            Identity { app: "demo".into(), channel: Channel::Webview, proof: Proof::Listener }
         );
     }
 }

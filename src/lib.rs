@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod throttle;
 pub mod tls;

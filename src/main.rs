@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -208,13 +209,7 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
         let admin = gateway.admin_addr().map_or_else(|| "off".to_owned(), |a| a.to_string());
         tracing::info!(listen = %addrs.join(","), admin = %admin, generation = 1, apps, config = %path.display(), "miniapp-gateway started");
         let reloader = gateway.reloader();
-        let _watcher = match spawn_watcher(reloader.clone()) {
-            Ok(task) => Some(task),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the config; reload with SIGHUP or POST /-/reload");
-                None
-            }
-        };
+        let _watcher = spawn_watcher(reloader.clone());
         let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
@@ -222,17 +217,32 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
             }
         });
         let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let shutdown = async move {
             tokio::select! {
                 _ = terminate.recv() => tracing::info!("SIGTERM received"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
             }
+            // The first signal starts an orderly shutdown; a second one means now.
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+                tracing::warn!("second signal: exiting at once");
+                std::process::exit(1);
+            });
         };
         gateway.run(shutdown).await;
         anyhow::Ok(())
     })?;
-    drop(runtime);
-    writer.finish();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if !writer.finish(LOG_FLUSH_LIMIT) {
+        tracing::warn!("the access log could not be written out within {LOG_FLUSH_LIMIT:?}; exiting anyway");
+    }
     tracing::info!("miniapp-gateway stopped");
     Ok(())
 }
+
+/// How long the exit waits for the last access log lines to be written (stdout may be stuck).
+const LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);

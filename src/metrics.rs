@@ -33,6 +33,9 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     pub last_reload_success: Gauge,
     pub apps_loaded: IntGauge,
+    pub config_watcher_up: IntGauge,
+    pub auth_failures_proxy: IntCounter,
+    pub auth_failures_admin: IntCounter,
 }
 
 impl Metrics {
@@ -81,12 +84,22 @@ impl Metrics {
         )
         .expect("valid metric");
         let apps_loaded = IntGauge::new("gateway_apps_loaded", "Apps in the policy in force.").expect("valid metric");
+        let config_watcher_up = IntGauge::new(
+            "gateway_config_watcher_up",
+            "1 while the config file watcher runs; 0 when it failed (changes are then found by the periodic check).",
+        )
+        .expect("valid metric");
+        let auth_failures = IntCounterVec::new(
+            Opts::new("gateway_auth_failures_total", "Failed authentications, by listener (proxy, admin)."),
+            &["listener"],
+        )
+        .expect("valid metric");
         let build_info =
             IntGaugeVec::new(Opts::new("gateway_build_info", "Build information; always 1."), &["version"])
                 .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(requests.clone()),
             Box::new(connections_active.clone()),
             Box::new(connections_max.clone()),
@@ -98,6 +111,8 @@ impl Metrics {
             Box::new(config_generation.clone()),
             Box::new(last_reload_success.clone()),
             Box::new(apps_loaded.clone()),
+            Box::new(config_watcher_up.clone()),
+            Box::new(auth_failures.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -119,6 +134,16 @@ impl Metrics {
             config_generation,
             last_reload_success,
             apps_loaded,
+            config_watcher_up,
+            auth_failures_proxy: auth_failures.with_label_values(&["proxy"]),
+            auth_failures_admin: auth_failures.with_label_values(&["admin"]),
+        }
+    }
+
+    /// Register a metric made elsewhere (the access log's drop counter).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(collector) {
+            tracing::warn!(error = %e, "cannot register a metric");
         }
     }
 
@@ -167,6 +192,44 @@ impl RequestCounters {
         let counters = app.and_then(|id| self.apps.get(id)).unwrap_or(&self.anonymous);
         counters.counter(&self.family, channel, verdict, reason).inc();
     }
+
+    /// Remove the series of every app that `policy` (the one replacing this snapshot's) no
+    /// longer has, so `/metrics` stops exporting apps that are gone.
+    pub fn forget_apps_not_in(&self, policy: &Policy) {
+        for counters in self.apps.values().filter(|counters| policy.app(&counters.app).is_none()) {
+            let Some(slots) = counters.slots.get() else { continue };
+            for (index, slot) in slots.iter().enumerate() {
+                if slot.get().is_some() {
+                    let (channel, verdict, reason) = outcome_labels(index);
+                    let _ = self.family.remove_label_values(&[&*counters.app, channel, verdict, reason]);
+                }
+            }
+        }
+    }
+}
+
+/// The (channel, decision, reason) labels of a slot index (the inverse of `outcome_index`).
+fn outcome_labels(index: usize) -> (&'static str, &'static str, &'static str) {
+    let reason = Reason::ALL[index % Reason::ALL.len()];
+    let rest = index / Reason::ALL.len();
+    let verdict = [Verdict::Allow, Verdict::Deny, Verdict::Report][rest % VERDICTS];
+    let channel = [Some(Channel::Request), Some(Channel::Webview), None][rest / VERDICTS];
+    (channel.map_or("", Channel::as_str), verdict.as_str(), reason.as_str())
+}
+
+fn outcome_index(channel: Option<Channel>, verdict: Verdict, reason: Reason) -> usize {
+    let channel_index = match channel {
+        Some(Channel::Request) => 0,
+        Some(Channel::Webview) => 1,
+        None => 2,
+    };
+    let verdict_index = match verdict {
+        Verdict::Allow => 0,
+        Verdict::Deny => 1,
+        Verdict::Report => 2,
+    };
+    let reason_index = reason as usize; // `Reason::ALL` is in declaration order
+    (channel_index * VERDICTS + verdict_index) * Reason::ALL.len() + reason_index
 }
 
 impl AppCounters {
@@ -181,22 +244,28 @@ impl AppCounters {
         verdict: Verdict,
         reason: Reason,
     ) -> &IntCounter {
-        let channel_index = match channel {
-            Some(Channel::Request) => 0,
-            Some(Channel::Webview) => 1,
-            None => 2,
-        };
-        let verdict_index = match verdict {
-            Verdict::Allow => 0,
-            Verdict::Deny => 1,
-            Verdict::Report => 2,
-        };
-        let reason_index = reason as usize; // `Reason::ALL` is in declaration order
-        let index = (channel_index * VERDICTS + verdict_index) * Reason::ALL.len() + reason_index;
+        let index = outcome_index(channel, verdict, reason);
         let slots = self.slots.get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
         slots[index].get_or_init(|| {
             let channel = channel.map_or("", Channel::as_str);
             family.with_label_values(&[&*self.app, channel, verdict.as_str(), reason.as_str()])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_labels_invert_slot_indexes() {
+        for channel in [Some(Channel::Request), Some(Channel::Webview), None] {
+            for verdict in [Verdict::Allow, Verdict::Deny, Verdict::Report] {
+                for reason in Reason::ALL {
+                    let labels = outcome_labels(outcome_index(channel, verdict, reason));
+                    assert_eq!(labels, (channel.map_or("", Channel::as_str), verdict.as_str(), reason.as_str()));
+                }
+            }
+        }
     }
 }

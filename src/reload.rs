@@ -1,24 +1,43 @@
 //! Reloading the config while serving.
 //!
-//! SIGHUP, the file watcher and `POST /-/reload` all end in [`Reloader::reload`]: load and
-//! validate a complete new config beside the running one, and either swap it in as the next
-//! generation or change nothing. After a swap, every open tunnel is decided again under the
-//! new policy, and those it refuses are revoked (closed, logged with reason `revoked`).
+//! SIGHUP, the file watcher, a periodic check and `POST /-/reload` all end in
+//! [`Reloader::reload`]: load and validate a complete new config beside the running one, and
+//! either swap it in as the next generation or change nothing. A config that would take away
+//! what a running listener depends on (the admin token, `[tls]`) is refused like an invalid
+//! one: that needs a restart. After a swap, every registered tunnel is decided again, as a
+//! whole, under the new policy, and those it refuses are revoked (closed, logged with reason
+//! `revoked`).
+//!
+//! The watcher can miss changes (a file outside the watched directories, such as `[tls]` or
+//! `admin_token_file`, or events lost some other way), so every [`REHASH_EVERY`] the files
+//! the config was loaded from are looked at again (size, modification time and identity:
+//! cheap even for thousands of apps files) and a difference from the last reload reloads.
 
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::watch::{ConfigWatcher, WatchSet};
+use tokio::sync::mpsc;
+
+use crate::config::watch::{ConfigWatcher, WatchSet, settle};
 use crate::config::{self, Config, ConfigErrors, Loader};
 use crate::metrics::Metrics;
-use crate::policy::Verdict;
 use crate::proxy::{Shared, Snapshot};
+
+/// How often the watcher's directories are checked for having been deleted and re-created.
+pub const REPAIR_EVERY: Duration = Duration::from_secs(1);
+/// How often the config's files are checked for changes that no event reported.
+pub const REHASH_EVERY: Duration = Duration::from_secs(30);
 
 /// What asked for a reload (for the log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
     Signal,
     Watcher,
+    /// The periodic check found a file changed.
+    Periodic,
     Admin,
 }
 
@@ -27,6 +46,8 @@ pub struct Reloader {
     /// The loader and its cache of validated `apps_dir` files. Held for the whole reload, so
     /// reloads run one at a time and generations are assigned in order.
     loader: tokio::sync::Mutex<Loader>,
+    /// The fingerprint of the config's files as the last reload found them.
+    last_seen: std::sync::Mutex<u64>,
 }
 
 /// Set the gauges that describe the snapshot in force.
@@ -52,9 +73,65 @@ fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> 
     changed
 }
 
+/// What a loaded config would take away from listeners that are running: a reload may rotate
+/// the admin token and the `[tls]` files, but not remove them.
+fn removals(running: &Config, loaded: &Config, admin_running: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if admin_running && running.server.admin_token.is_some() && loaded.server.admin_token.is_none() {
+        problems.push(
+            "refusing to remove admin_token while the admin listener runs: that would open it to anyone; \
+             restart to turn admin authentication off"
+                .to_owned(),
+        );
+    }
+    if running.listeners.iter().any(|l| l.tls) && loaded.tls.is_none() {
+        problems.push("refusing to remove [tls] while TLS listeners run on it; restart to turn TLS off".to_owned());
+    }
+    problems
+}
+
+/// A fingerprint of the files `config` was loaded from (the config file, every `*.toml` of
+/// `apps_dir`, `[tls]` and `admin_token_file`): their size, modification time and identity,
+/// and which files `apps_dir` holds.
+fn fingerprint(config: &Config) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut stamp = |path: &Path| {
+        path.hash(&mut hasher);
+        if let Ok(meta) = std::fs::metadata(path) {
+            (meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino(), meta.dev()).hash(&mut hasher);
+        }
+    };
+    stamp(&config.path);
+    for file in &config.other_files {
+        stamp(file);
+    }
+    if let Some(dir) = &config.apps_dir {
+        stamp(dir);
+        if let Ok(listing) = std::fs::read_dir(dir) {
+            let mut files: Vec<_> = listing
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+                .collect();
+            files.sort();
+            for file in &files {
+                stamp(file);
+            }
+        }
+    }
+    hasher.finish()
+}
+
 impl Reloader {
     pub(crate) fn new(shared: Arc<Shared>, loader: Loader) -> Reloader {
-        Reloader { shared, loader: tokio::sync::Mutex::new(loader) }
+        let last_seen = fingerprint(&shared.live.load().config);
+        Reloader { shared, loader: tokio::sync::Mutex::new(loader), last_seen: std::sync::Mutex::new(last_seen) }
+    }
+
+    fn fail(&self, trigger: Trigger, generation: u64, errors: ConfigErrors) -> Result<u64, ConfigErrors> {
+        self.shared.metrics.reloads_failure.inc();
+        tracing::error!(?trigger, generation, "config reload failed; the running policy stays:\n{errors}");
+        Err(errors)
     }
 
     /// Load the config file again; swap it in and revoke what it no longer allows, or keep
@@ -64,46 +141,45 @@ impl Reloader {
         let current = self.shared.live.load_full();
         let path = current.config.path.clone();
         // File I/O and parsing run off the async workers; the loader (with its cache) goes
-        // along and comes back.
+        // along and comes back. The fingerprint is taken before the files are read, so a
+        // change made during the load is seen by the next periodic check.
         let mut taken = std::mem::replace(&mut *loader, Loader::new(&path));
+        let running = current.clone();
         let loaded = tokio::task::spawn_blocking(move || {
+            let print = fingerprint(&running.config);
             let result = taken.load();
-            (taken, result)
+            (taken, print, result)
         })
         .await
-        .map(|(returned, result)| {
+        .map(|(returned, print, result)| {
             *loader = returned;
+            *self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = print;
             result
         });
+        let generation = current.config.generation;
         let mut config = match loaded {
             Ok(Ok(config)) => config,
-            Ok(Err(errors)) => {
-                self.shared.metrics.reloads_failure.inc();
-                tracing::error!(
-                    ?trigger,
-                    generation = current.config.generation,
-                    "config reload failed; the running policy stays:\n{errors}"
-                );
-                return Err(errors);
-            }
+            Ok(Err(errors)) => return self.fail(trigger, generation, errors),
             Err(e) => {
-                self.shared.metrics.reloads_failure.inc();
-                tracing::error!(?trigger, error = %e, "config reload task failed; the running policy stays");
-                let error = config::ConfigError {
-                    path: current.config.path.clone(),
-                    line: 1,
-                    col: 1,
-                    message: format!("the reload task failed: {e}"),
-                };
-                return Err(ConfigErrors(vec![error]));
+                let message = format!("the reload task failed: {e}");
+                let error = config::ConfigError { path: path.clone(), line: 1, col: 1, message };
+                return self.fail(trigger, generation, ConfigErrors(vec![error]));
             }
         };
+        let removed = removals(&current.config, &config, self.shared.admin_running);
+        if !removed.is_empty() {
+            let errors = removed
+                .into_iter()
+                .map(|message| config::ConfigError { path: path.clone(), line: 1, col: 1, message })
+                .collect();
+            return self.fail(trigger, generation, ConfigErrors(errors));
+        }
         let restart_only = restart_only_changes(&current.config, &config);
         if !restart_only.is_empty() {
             let changed = restart_only.join(", ");
             tracing::warn!(changed, "these settings change only on restart; the running ones stay");
         }
-        config.generation = current.config.generation + 1;
+        config.generation = generation + 1;
         let generation = config.generation;
         let snapshot = Snapshot::new(config, &self.shared.metrics);
         publish(&self.shared.metrics, &snapshot);
@@ -111,9 +187,20 @@ impl Reloader {
         let apps = snapshot.config.policy.app_count();
         let snapshot = Arc::new(snapshot);
         self.shared.live.store(snapshot.clone());
-        let revoked = self.revoke(&snapshot);
+        let revoked = self.shared.tunnels.revoke_refused(&snapshot.config);
+        current.counters.forget_apps_not_in(&snapshot.config.policy);
         tracing::info!(?trigger, generation, apps, revoked, "config reloaded");
         Ok(generation)
+    }
+
+    /// Reload if the config's files changed since the last reload looked at them.
+    pub async fn reload_if_changed(&self) {
+        let config = self.shared.live.load_full();
+        let print = tokio::task::spawn_blocking(move || fingerprint(&config.config)).await;
+        let last = *self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if print.is_ok_and(|print| print != last) {
+            let _ = self.reload(Trigger::Periodic).await;
+        }
     }
 
     /// What the file watcher should watch for the config in force.
@@ -121,30 +208,69 @@ impl Reloader {
         let snapshot = self.shared.live.load();
         WatchSet::new(&snapshot.config.path, snapshot.config.apps_dir.as_deref())
     }
-
-    /// Signal every open tunnel that `snapshot` refuses; returns how many.
-    fn revoke(&self, snapshot: &Snapshot) -> usize {
-        let policy = &snapshot.config.policy;
-        let mut revoked = 0;
-        for tunnel in self.shared.tunnels.iter() {
-            let decision = policy.decide(&tunnel.app, tunnel.channel, &tunnel.target);
-            if decision.verdict == Verdict::Deny {
-                tunnel.revoke.cancel();
-                revoked += 1;
-            }
-        }
-        revoked
-    }
 }
 
-/// Watch the config's directories and reload when they change. The watcher lives as long as
-/// the returned task.
-pub fn spawn_watcher(reloader: Arc<Reloader>) -> notify::Result<tokio::task::JoinHandle<()>> {
-    let (mut watcher, mut changes) = ConfigWatcher::start(reloader.watch_set())?;
-    Ok(tokio::spawn(async move {
-        while changes.recv().await.is_some() {
-            let _ = reloader.reload(Trigger::Watcher).await;
-            watcher.update(reloader.watch_set());
+/// Watch the config's directories and reload when they change; check every [`REPAIR_EVERY`]
+/// that the watches are alive, and every [`REHASH_EVERY`] that the files are as last loaded.
+/// Runs as long as the returned task. A watcher that cannot start (or stops) is reported by
+/// `gateway_config_watcher_up` and retried; the periodic check goes on regardless.
+pub fn spawn_watcher(reloader: Arc<Reloader>) -> tokio::task::JoinHandle<()> {
+    spawn_watcher_every(reloader, REPAIR_EVERY, REHASH_EVERY)
+}
+
+/// [`spawn_watcher`] with other periods (tests use short ones).
+pub fn spawn_watcher_every(reloader: Arc<Reloader>, repair: Duration, rehash: Duration) -> tokio::task::JoinHandle<()> {
+    let (raw_tx, raw_rx) = mpsc::unbounded_channel();
+    // Started before this returns, so that a change made right after is seen.
+    let mut watcher = ConfigWatcher::start(reloader.watch_set(), raw_tx.clone())
+        .inspect_err(|e| tracing::error!(error = %e, "cannot watch the config; retrying every {repair:?}"))
+        .ok();
+    let mut reported_down = watcher.is_none();
+    tokio::spawn(async move {
+        let mut changes = settle(raw_rx);
+        let mut repair_tick = tokio::time::interval(repair);
+        repair_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rehash_tick = tokio::time::interval(rehash);
+        rehash_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rehash_tick.reset();
+        let up = reloader.shared.metrics.config_watcher_up.clone();
+        loop {
+            let mut reload = false;
+            match &mut watcher {
+                None => match ConfigWatcher::start(reloader.watch_set(), raw_tx.clone()) {
+                    Ok(started) => {
+                        if reported_down {
+                            tracing::info!("config watcher started");
+                            reload = true; // it may have missed changes while it was down
+                        }
+                        watcher = Some(started);
+                    }
+                    Err(e) if !reported_down => {
+                        tracing::error!(error = %e, "cannot watch the config; retrying every {repair:?}");
+                        reported_down = true;
+                    }
+                    Err(_) => {}
+                },
+                Some(running) => reload = running.repair(),
+            }
+            let watching = watcher.as_ref().is_some_and(ConfigWatcher::watching_all);
+            up.set(i64::from(watching));
+            if reload {
+                let _ = reloader.reload(Trigger::Watcher).await;
+            }
+            tokio::select! {
+                changed = changes.recv() => {
+                    if changed.is_none() {
+                        return;
+                    }
+                    let _ = reloader.reload(Trigger::Watcher).await;
+                    if let Some(running) = &mut watcher {
+                        running.update(reloader.watch_set());
+                    }
+                }
+                _ = repair_tick.tick() => {}
+                _ = rehash_tick.tick() => reloader.reload_if_changed().await,
+            }
         }
-    }))
+    })
 }

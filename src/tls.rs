@@ -20,6 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::config::TlsSettings;
 use crate::policy::{Channel, is_valid_app_id};
 
 /// The URI scheme of an app identity in a client certificate.
@@ -39,11 +40,7 @@ pub enum TlsFile {
 
 /// Build the server config for TLS listeners: TLS 1.2 and 1.3 with rustls' modern suites,
 /// HTTP/1.1 only, and client certificates requested (never required) when `client_ca` is set.
-pub fn server_config(
-    cert: &Path,
-    key: &Path,
-    client_ca: Option<&Path>,
-) -> Result<Arc<ServerConfig>, (TlsFile, String)> {
+pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<TlsSettings, (TlsFile, String)> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<_, _>>())
         .map_err(|e| (TlsFile::Cert, format!("cannot read certificates from {}: {e}", cert.display())))?;
@@ -55,8 +52,8 @@ pub fn server_config(
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| (TlsFile::Cert, e.to_string()))?;
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
+    let client_verifier = match client_ca {
+        None => None,
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             let certs = CertificateDer::pem_file_iter(ca)
@@ -69,14 +66,26 @@ pub fn server_config(
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| (TlsFile::ClientCa, format!("{}: {e}", ca.display())))?;
-            builder.with_client_cert_verifier(verifier)
+            Some(verifier)
         }
+    };
+    let builder = match &client_verifier {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
     };
     let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| (TlsFile::Key, format!("the key does not fit the certificate: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(TlsSettings { server: Arc::new(config), client_verifier })
+}
+
+/// Whether a client certificate chain (end entity first) still verifies under `settings`:
+/// what a reload asks of the connections that presented one under an older `client_ca`.
+pub fn client_chain_verifies(settings: Option<&TlsSettings>, chain: &[CertificateDer<'static>]) -> bool {
+    let Some(verifier) = settings.and_then(|tls| tls.client_verifier.as_ref()) else { return false };
+    let Some((end_entity, intermediates)) = chain.split_first() else { return false };
+    verifier.verify_client_cert(end_entity, intermediates, rustls_pki_types::UnixTime::now()).is_ok()
 }
 
 /// The app (and, for `miniapp://APPID/webview`, the channel) a verified client certificate

@@ -28,6 +28,8 @@ pub struct Config {
     pub path: PathBuf,
     /// `apps_dir`, resolved against the config file's directory, when set.
     pub apps_dir: Option<PathBuf>,
+    /// The other files the config was loaded from: `[tls]` and `admin_token_file`.
+    pub other_files: Vec<PathBuf>,
     pub server: Server,
     pub limits: Limits,
     /// `server.listen` first, then every `[[listener]]`.
@@ -43,7 +45,12 @@ pub struct Config {
 pub struct Server {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    /// The bearer token of the admin listener: `admin_token`, or the contents of
+    /// `admin_token_file` (read at every load, so a reload rotates it).
     pub admin_token: Option<String>,
+    /// Names (besides IP literals and `localhost`) that browsers may use to reach the admin
+    /// listener: any other `Host` is refused, which defeats DNS rebinding.
+    pub admin_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +60,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// After SIGTERM, keep accepting this long with `/readyz` already 503 (load balancers and
+    /// Kubernetes endpoints take a moment to stop sending), then stop accepting and drain.
+    pub shutdown_delay: Duration,
 }
 
 impl Default for Limits {
@@ -63,6 +73,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
         }
     }
 }
@@ -80,8 +91,9 @@ pub struct ListenerSpec {
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
     pub server: std::sync::Arc<rustls::ServerConfig>,
-    /// Whether client certificates are requested (and verified against `client_ca`).
-    pub client_auth: bool,
+    /// The verifier of client certificates against `client_ca`, when set. Kept beside the
+    /// server config so that a reload can check the certificates of open connections again.
+    pub client_verifier: Option<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 }
 
 /// A fixed identity: every connection on the listener is this app on this channel.
@@ -153,4 +165,33 @@ impl Loader {
     pub fn load(&mut self) -> Result<Config, ConfigErrors> {
         validate::load(&self.path, &mut self.cache)
     }
+}
+
+/// A file whose modification time is at least this old is taken as written whole.
+const SETTLED_AGE: Duration = Duration::from_millis(200);
+/// Between two reads of a file that is still being written.
+const REREAD_PAUSE: Duration = Duration::from_millis(50);
+/// Reads of a file before giving up on it ever holding still (about a second).
+const MAX_READS: usize = 20;
+
+/// Read a config file that a writer may be in the middle of (`render > gateway.toml`
+/// truncates first and writes after). A file is taken once it is the same size and age before
+/// and after the read, and either has not been modified for [`SETTLED_AGE`] or reads the same
+/// twice in a row; otherwise it is read again. Files at rest, the usual case, are read once.
+pub fn read_settled(path: &Path) -> std::io::Result<String> {
+    let stamp = |meta: &std::fs::Metadata| (meta.len(), meta.modified().ok());
+    let mut previous: Option<String> = None;
+    for _ in 0..MAX_READS {
+        let before = std::fs::metadata(path)?;
+        let text = std::fs::read_to_string(path)?;
+        let after = std::fs::metadata(path)?;
+        let still = stamp(&before) == stamp(&after) && after.len() == text.len() as u64;
+        let at_rest = after.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age >= SETTLED_AGE);
+        if still && (at_rest || previous.as_deref() == Some(text.as_str())) {
+            return Ok(text);
+        }
+        previous = Some(text);
+        std::thread::sleep(REREAD_PAUSE);
+    }
+    Err(std::io::Error::other(format!("it kept changing over {MAX_READS} reads; is something still writing it?")))
 }

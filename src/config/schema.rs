@@ -45,6 +45,8 @@ pub struct RawServer {
     pub listen: Option<Spanned<String>>,
     pub admin_listen: Option<Spanned<String>>,
     pub admin_token: Option<Spanned<String>>,
+    pub admin_token_file: Option<Spanned<String>>,
+    pub admin_hosts: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +57,7 @@ pub struct RawLimits {
     pub header_timeout: Option<Spanned<HumanDuration>>,
     pub idle_timeout: Option<Spanned<HumanDuration>>,
     pub shutdown_grace: Option<Spanned<HumanDuration>>,
+    pub shutdown_delay: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

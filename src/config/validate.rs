@@ -22,13 +22,22 @@ use crate::tls::{self, TlsFile};
 const MAX_REMARK_CHARS: usize = 200;
 /// Entries are indexed by `u16`; no real list comes near this.
 const MAX_LIST_LIMIT: i64 = 10_000;
+/// More connections than any host has descriptors for (and far below the semaphore's limit).
+const MAX_CONNECTIONS_LIMIT: i64 = 10_000_000;
+/// The longest duration any setting takes: long enough for any real timeout, and far from
+/// overflowing a deadline computed from it.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The global lists are the operator's, not an app's, and may be long; still bounded.
 const MAX_GLOBAL_ENTRIES: usize = 10_000;
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_DOMAINS: usize = 30;
 
 pub(super) fn load(path: &Path, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
-    match std::fs::read_to_string(path) {
+    match super::read_settled(path) {
+        Ok(text) if text.trim().is_empty() => Err(ConfigErrors(vec![file_error(
+            path,
+            "the config file is empty (truncated by a writer?); an empty file is never loaded".to_owned(),
+        )])),
         Ok(text) => load_text(path, text, cache),
         Err(e) => Err(ConfigErrors(vec![file_error(path, format!("cannot read the config file: {e}"))])),
     }
@@ -126,6 +135,8 @@ impl Source {
 #[derive(Default)]
 struct Validator {
     sources: Vec<Source>,
+    /// Files read besides the config and `apps_dir` files: `[tls]` and `admin_token_file`.
+    other_files: Vec<PathBuf>,
     /// (source, byte offset, message)
     errors: Vec<(usize, usize, String)>,
 }
@@ -209,7 +220,12 @@ impl Validator {
             .collect();
         files.sort();
         for file in files {
-            match std::fs::read_to_string(&file) {
+            match super::read_settled(&file) {
+                Ok(text) if text.trim().is_empty() => {
+                    let source = self.add_source(file, text);
+                    let message = "this apps file is empty (truncated by a writer?); delete it to remove its apps";
+                    self.error(source, 0..0, message);
+                }
                 Ok(text) => {
                     let print = fingerprint(&text);
                     let cached = cache.files.get(&file).filter(|c| c.fingerprint == print && c.settings == settings);
@@ -319,14 +335,26 @@ impl Validator {
             None => None,
             Some(name) if name.get_ref() == "deny" => None,
             Some(name) => {
-                if !seen.contains_key(name.get_ref().as_str()) {
+                let id = name.get_ref().as_str();
+                if !seen.contains_key(id) {
                     self.error(
                         main,
                         name.span(),
-                        format!("unknown_app = {:?} names no app (use \"deny\" or an app id)", name.get_ref()),
+                        format!("unknown_app = {id:?} names no app (use \"deny\" or an app id)"),
+                    );
+                } else if apps.iter().any(|(_, app, _)| &*app.id == id && app.token.is_some()) {
+                    // An unknown id presents no token of that app, so the fallback would hand
+                    // the app's rules to anyone: the token would protect nothing.
+                    self.error(
+                        main,
+                        name.span(),
+                        format!(
+                            "unknown_app = {id:?} names an app with a token; unknown ids cannot present it, so \
+                             they would get its rules without one: name an app without a token"
+                        ),
                     );
                 }
-                Some(name.get_ref().as_str().into())
+                Some(id.into())
             }
         };
 
@@ -363,6 +391,7 @@ impl Validator {
             generation: 0,
             path: self.sources[main].path.clone(),
             apps_dir,
+            other_files: std::mem::take(&mut self.other_files),
             server,
             limits,
             listeners,
@@ -381,8 +410,9 @@ impl Validator {
         let cert = resolve_relative(&path, raw.cert.get_ref());
         let key = resolve_relative(&path, raw.key.get_ref());
         let client_ca = raw.client_ca.as_ref().map(|ca| resolve_relative(&path, ca.get_ref()));
+        self.other_files.extend([cert.clone(), key.clone()].into_iter().chain(client_ca.clone()));
         match tls::server_config(&cert, &key, client_ca.as_deref()) {
-            Ok(server) => Some(TlsSettings { server, client_auth: client_ca.is_some() }),
+            Ok(settings) => Some(settings),
             Err((file, message)) => {
                 let span = match file {
                     TlsFile::Cert => raw.cert.span(),
@@ -411,7 +441,43 @@ impl Validator {
             }
             token.get_ref().clone()
         });
-        Server { listen, admin_listen, admin_token }
+        let admin_token = match (&raw.server.admin_token_file, admin_token) {
+            (None, token) => token,
+            (Some(file), Some(_)) => {
+                self.error(main, file.span(), "set admin_token or admin_token_file, not both");
+                None
+            }
+            (Some(file), None) => {
+                let path = resolve_relative(&self.sources[main].path, file.get_ref());
+                self.other_files.push(path.clone());
+                match super::read_settled(&path) {
+                    Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+                    Ok(_) => {
+                        self.error(main, file.span(), format!("admin_token_file {} is empty", path.display()));
+                        None
+                    }
+                    Err(e) => {
+                        self.error(main, file.span(), format!("cannot read admin_token_file {}: {e}", path.display()));
+                        None
+                    }
+                }
+            }
+        };
+        let mut admin_hosts = Vec::new();
+        for host in raw.server.admin_hosts.iter().flatten() {
+            match parse_host(host.get_ref()) {
+                Ok(Host::Name(name)) => admin_hosts.push(name.into_owned()),
+                _ => self.error(
+                    main,
+                    host.span(),
+                    format!(
+                        "admin_hosts entry {:?} must be a host name (IP addresses are always accepted)",
+                        host.get_ref()
+                    ),
+                ),
+            }
+        }
+        Server { listen, admin_listen, admin_token, admin_hosts }
     }
 
     fn socket_addr(&mut self, source: usize, raw: &Spanned<String>, key: &str) -> SocketAddr {
@@ -430,9 +496,11 @@ impl Validator {
         let defaults = Limits::default();
         let max_connections = match &l.max_connections {
             None => defaults.max_connections,
-            Some(n) if *n.get_ref() >= 1 => usize::try_from(*n.get_ref()).unwrap_or(usize::MAX),
+            Some(n) if (1..=MAX_CONNECTIONS_LIMIT).contains(n.get_ref()) => {
+                usize::try_from(*n.get_ref()).unwrap_or(defaults.max_connections)
+            }
             Some(n) => {
-                self.error(main, n.span(), "max_connections must be at least 1");
+                self.error(main, n.span(), format!("max_connections must be from 1 to {MAX_CONNECTIONS_LIMIT}"));
                 defaults.max_connections
             }
         };
@@ -447,6 +515,7 @@ impl Validator {
             header_timeout: self.duration(main, l.header_timeout.as_ref(), "header_timeout", defaults.header_timeout),
             idle_timeout: self.duration(main, l.idle_timeout.as_ref(), "idle_timeout", defaults.idle_timeout),
             shutdown_grace: self.duration(main, l.shutdown_grace.as_ref(), "shutdown_grace", defaults.shutdown_grace),
+            shutdown_delay: self.duration(main, l.shutdown_delay.as_ref(), "shutdown_delay", defaults.shutdown_delay),
         }
     }
 
@@ -459,8 +528,12 @@ impl Validator {
     ) -> Duration {
         match raw {
             None => default,
-            Some(d) if d.get_ref().0.is_zero() && key != "shutdown_grace" => {
+            Some(d) if d.get_ref().0.is_zero() && !key.starts_with("shutdown_") => {
                 self.error(main, d.span(), format!("{key} must be longer than zero"));
+                default
+            }
+            Some(d) if d.get_ref().0 > MAX_DURATION => {
+                self.error(main, d.span(), format!("{key} must be at most 7 days"));
                 default
             }
             Some(d) => d.get_ref().0,
@@ -618,8 +691,9 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_file_is_a_valid_config_with_defaults() {
-        let config = load_text(Path::new("gw.toml"), String::new(), &mut AppsCache::default()).unwrap();
+    fn a_file_of_comments_is_a_valid_config_with_defaults() {
+        let text = "# nothing but defaults\n".to_owned();
+        let config = load_text(Path::new("gw.toml"), text, &mut AppsCache::default()).unwrap();
         assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(config.limits.max_connections, 10_000);
         assert_eq!(config.policy.app_count(), 0);

@@ -131,10 +131,12 @@ pub enum Reason {
     NotTls,
     SniMismatch,
     Revoked,
+    /// Too many failed authentications from this client address lately.
+    AuthRateLimited,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::Whitelisted,
         Reason::GlobalAllow,
         Reason::Open,
@@ -155,6 +157,7 @@ impl Reason {
         Reason::NotTls,
         Reason::SniMismatch,
         Reason::Revoked,
+        Reason::AuthRateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -179,6 +182,7 @@ impl Reason {
             Reason::NotTls => "not_tls",
             Reason::SniMismatch => "sni_mismatch",
             Reason::Revoked => "revoked",
+            Reason::AuthRateLimited => "auth_rate_limited",
         }
     }
 
@@ -191,6 +195,7 @@ impl Reason {
             Reason::DnsFailure | Reason::UpstreamUnreachable => 502,
             Reason::UpstreamTimeout => 504,
             Reason::Overloaded => 503,
+            Reason::AuthRateLimited => 429,
             Reason::UnknownApp
             | Reason::IpLiteral
             | Reason::GlobalDeny
@@ -236,6 +241,9 @@ impl Reason {
             Reason::NotTls => format!("the tunnel to {target} did not begin with a TLS ClientHello"),
             Reason::SniMismatch => format!("the TLS server name in the tunnel is not {target}"),
             Reason::Revoked => format!("{target} is no longer allowed for app {app}"),
+            Reason::AuthRateLimited => {
+                "too many failed authentications from this address; try again in a second".to_owned()
+            }
         }
     }
 }
@@ -525,6 +533,20 @@ impl Policy {
 
     pub fn blocks_private_addresses(&self) -> bool {
         self.rules.block_private_addresses
+    }
+
+    /// Whether a tunnel to `target` may stay connected to `upstream`: the address `[resolve]`
+    /// names for it now, or, without an override, an address the private-address block (if
+    /// on) lets through. What a reload asks of tunnels connected under an older policy.
+    pub fn permits_upstream(&self, target: &Target<'_>, upstream: SocketAddr) -> bool {
+        let overridden = match &target.host {
+            Host::Name(name) => self.resolve_override(name, target.port),
+            Host::Ip(_) => None,
+        };
+        match overridden {
+            Some(addr) => addr == upstream,
+            None => !(self.rules.block_private_addresses && address::is_blocked(upstream.ip())),
+        }
     }
 }
 

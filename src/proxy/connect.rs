@@ -9,33 +9,66 @@ use std::convert::Infallible;
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
+use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, PROXY_AUTHORIZATION, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::client_hello::{Peek, read_client_hello};
+use super::registry::{Credential, OpenTunnel, Registration};
 use super::response::{self, Body};
 use super::tunnel::{self, ByteCounters, Closed, Stops, Transferred};
 use super::upstream::dial;
-use super::{ConnectionSlot, OpenTunnel, Shared, Snapshot};
+use super::{ConnectionSlot, Shared, Snapshot};
 use crate::access_log::AccessRecord;
-use crate::config::Binding;
-use crate::identity::{CertIdentity, IdentityError, identify};
+use crate::config::{Binding, Config};
+use crate::identity::{CertIdentity, IdentityError, Proof, identify};
 use crate::policy::{Action, Channel, FirstRecord, Reason, Target, Verdict, after_first_record, parse_authority};
 
 /// Per-connection context shared by the requests a keep-alive connection carries.
 pub(crate) struct ConnContext {
     pub shared: Arc<Shared>,
     pub binding: Option<Binding>,
-    /// The identity a verified client certificate carried, on TLS listeners.
-    pub cert: Option<CertIdentity>,
+    /// A verified client certificate that names an app, on TLS listeners.
+    pub cert: Option<ClientCert>,
     pub client: SocketAddr,
     /// Held by the connection and by each of its tunnels: the `max_connections` slot.
     pub slot: Arc<ConnectionSlot>,
+}
+
+/// A client certificate verified at the handshake, checked again when a reload changes the
+/// policy: a connection whose certificate no longer verifies under the new `client_ca` gets no
+/// further CONNECTs.
+pub(crate) struct ClientCert {
+    pub identity: CertIdentity,
+    pub chain: Arc<[CertificateDer<'static>]>,
+    /// The generation it was last verified under.
+    verified_under: AtomicU64,
+}
+
+impl ClientCert {
+    pub fn new(identity: CertIdentity, chain: &[CertificateDer<'_>], generation: u64) -> ClientCert {
+        let chain = chain.iter().map(|cert| cert.clone().into_owned()).collect();
+        ClientCert { identity, chain, verified_under: AtomicU64::new(generation) }
+    }
+
+    /// Whether it verifies under the `[tls]` of `config` (checked once per generation).
+    fn verifies_under(&self, config: &Config) -> bool {
+        if self.verified_under.load(Ordering::Relaxed) == config.generation {
+            return true;
+        }
+        let verified = crate::tls::client_chain_verifies(config.tls.as_ref(), &self.chain);
+        if verified {
+            self.verified_under.store(config.generation, Ordering::Relaxed);
+        }
+        verified
+    }
 }
 
 /// What is known of a request so far, for its access log line, its counter and its body.
@@ -136,16 +169,40 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
     };
     attempt.host = Some(target.host.to_text().into());
     attempt.port = Some(target.port);
+    if req.headers().contains_key(CONTENT_LENGTH) || req.headers().contains_key(TRANSFER_ENCODING) {
+        // Whatever follows the head is the tunnel; a body would make its first bytes ambiguous.
+        let message = "a CONNECT request has no body: Content-Length and Transfer-Encoding are not allowed";
+        return attempt.refuse_with(ctx, Reason::MalformedRequest, None, message);
+    }
 
-    let identity = match identify(ctx.binding.as_ref(), ctx.cert.as_ref(), req.headers(), policy) {
+    if let Some(cert) = &ctx.cert
+        && !cert.verifies_under(config)
+    {
+        attempt.app = Some(cert.identity.app.clone());
+        let message = "the client certificate no longer verifies under [tls].client_ca; reconnect with a valid one";
+        let mut response = attempt.refuse_with(ctx, Reason::BadCredentials, None, message);
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let by_password = ctx.binding.is_none() && ctx.cert.is_none() && req.headers().contains_key(PROXY_AUTHORIZATION);
+    if by_password && let Err(wait) = ctx.shared.auth_throttle.check(ctx.client.ip()) {
+        let mut response = attempt.refuse(ctx, Reason::AuthRateLimited, None);
+        let seconds = wait.as_secs() + 1;
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+        return response;
+    }
+    let cert_identity = ctx.cert.as_ref().map(|cert| &cert.identity);
+    let identity = match identify(ctx.binding.as_ref(), cert_identity, req.headers(), policy) {
         Ok(identity) => identity,
         Err(IdentityError::Missing) => return attempt.refuse(ctx, Reason::AuthRequired, None),
         Err(IdentityError::BadCredentials { app }) => {
+            ctx.shared.auth_throttle.failed(ctx.client.ip());
+            ctx.shared.metrics.auth_failures_proxy.inc();
             attempt.counted_app = app.clone();
             attempt.app = app;
             return attempt.refuse(ctx, Reason::BadCredentials, None);
         }
-        Err(e @ IdentityError::BadChannel) => {
+        Err(e @ (IdentityError::BadChannel | IdentityError::Ambiguous)) => {
             return attempt.refuse_with(ctx, Reason::MalformedRequest, None, &e.to_string());
         }
     };
@@ -159,15 +216,45 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         return attempt.refuse(ctx, decision.reason, rule);
     }
 
+    // Registered before the dial, so that a reload from here on sees it and can revoke it.
+    let credential = match identity.proof {
+        Proof::Listener => Credential::Listener,
+        Proof::Certificate => match &ctx.cert {
+            Some(cert) => Credential::Certificate(cert.chain.clone()),
+            None => Credential::Listener,
+        },
+        Proof::Token(token) => Credential::Token(token),
+    };
+    let open = OpenTunnel {
+        app: identity.app.clone(),
+        channel: identity.channel,
+        target: Target { host: target.host.clone().into_owned(), port: target.port },
+        credential,
+        upstream: std::sync::OnceLock::new(),
+        revoke: ctx.shared.abort.child_token(),
+    };
+    let registration = Registration::new(ctx.shared.clone(), open, config.generation);
+    if !registration.recheck() {
+        return attempt.refuse(ctx, Reason::Revoked, rule);
+    }
     let dial_started = Instant::now();
-    let (upstream, upstream_addr) =
-        match dial(policy, &ctx.shared.resolver, &target, config.limits.connect_timeout).await {
-            Ok(connected) => connected,
-            Err(e) => {
-                tracing::debug!(client = %ctx.client, target = %attempt.target_text(), error = %e, "upstream refused");
-                return attempt.refuse(ctx, e.reason(), rule);
-            }
-        };
+    let dialed = tokio::select! {
+        biased;
+        _ = registration.tunnel().revoke.cancelled() => None,
+        dialed = dial(policy, &ctx.shared.resolver, &target, config.limits.connect_timeout) => Some(dialed),
+    };
+    let (upstream, upstream_addr) = match dialed {
+        Some(Ok(connected)) => connected,
+        Some(Err(e)) => {
+            tracing::debug!(client = %ctx.client, target = %attempt.target_text(), error = %e, "upstream refused");
+            return attempt.refuse(ctx, e.reason(), rule);
+        }
+        None => return attempt.refuse(ctx, Reason::Revoked, rule),
+    };
+    registration.connected_to(upstream_addr);
+    if !registration.recheck() {
+        return attempt.refuse(ctx, Reason::Revoked, rule);
+    }
     let metrics = &ctx.shared.metrics;
     metrics.upstream_connect_duration.observe(dial_started.elapsed().as_secs_f64());
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -177,19 +264,13 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         started: attempt.started,
         counted_app: attempt.counted_app.clone(),
     };
-    let open = OpenTunnel {
-        app: identity.app.clone(),
-        channel: identity.channel,
-        target: Target { host: target.host.into_owned(), port: target.port },
-        revoke: ctx.shared.abort.child_token(),
-    };
     let settings = TunnelSettings {
         idle: config.limits.idle_timeout,
         verify_tls: config.verify_tls,
         hello_timeout: config.limits.header_timeout,
         action: decision.app.map_or(Action::Enforce, |app| app.action),
     };
-    let job = run_tunnel(ctx.shared.clone(), ctx.slot.clone(), on_upgrade, upstream, tunnel, open, settings);
+    let job = run_tunnel(ctx.shared.clone(), ctx.slot.clone(), on_upgrade, upstream, tunnel, registration, settings);
     ctx.shared.tracker.spawn(job);
     response::established(decision.verdict, decision.reason)
 }
@@ -212,9 +293,10 @@ async fn run_tunnel(
     on_upgrade: hyper::upgrade::OnUpgrade,
     mut upstream: TcpStream,
     mut tunnel: Tunnel,
-    open: OpenTunnel,
+    registration: Registration,
     settings: TunnelSettings,
 ) {
+    let revoke = registration.tunnel().revoke.clone();
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {
@@ -231,13 +313,28 @@ async fn run_tunnel(
     };
     let mut hello = prefix.to_vec();
     if settings.verify_tls {
-        let (bytes, peek) = read_client_hello(&prefix, &mut client, settings.hello_timeout).await;
+        let read = tokio::select! {
+            biased;
+            _ = revoke.cancelled() => None,
+            read = read_client_hello(&prefix, &mut client, settings.hello_timeout) => Some(read),
+        };
+        let Some((bytes, peek)) = read else {
+            let snapshot = shared.live.load();
+            snapshot.counters.count(
+                tunnel.counted_app.as_deref(),
+                tunnel.record.channel,
+                Verdict::Deny,
+                Reason::Revoked,
+            );
+            shared.log.record(tunnel.finish(Closed::Revoked, Transferred::default()));
+            return;
+        };
         let first = match &peek {
             Peek::Hello { server_name } => FirstRecord::ClientHello(server_name.as_deref()),
             Peek::NotTls | Peek::NeedMore => FirstRecord::NotTls,
         };
         let before = (tunnel.record.decision, tunnel.record.reason);
-        let (verdict, reason) = after_first_record(before, settings.action, &open.target, first);
+        let (verdict, reason) = after_first_record(before, settings.action, &registration.tunnel().target, first);
         tunnel.record.decision = verdict;
         tunnel.record.reason = reason;
         if verdict == Verdict::Deny {
@@ -248,8 +345,6 @@ async fn run_tunnel(
         hello = bytes;
     }
     tunnel.count(&shared);
-    let revoke = open.revoke.clone();
-    let id = shared.register_tunnel(open);
     shared.metrics.tunnels_active.inc();
     let bytes = ByteCounters {
         upstream: shared.metrics.bytes_upstream.clone(),
@@ -267,7 +362,7 @@ async fn run_tunnel(
         }
     };
     moved.up += hello.len() as u64;
-    shared.tunnels.remove(&id);
+    drop(registration);
     shared.metrics.tunnels_active.dec();
     shared.metrics.tunnel_duration.observe(tunnel.started.elapsed().as_secs_f64());
     if closed == Closed::Revoked {

@@ -9,6 +9,7 @@
 
 pub mod client_hello;
 mod connect;
+pub(crate) mod registry;
 pub mod response;
 pub mod tunnel;
 pub mod upstream;
@@ -17,11 +18,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -35,9 +34,11 @@ use crate::access_log::{AccessLog, AccessRecord};
 use crate::config::{Config, ListenerSpec, Loader};
 use crate::identity::CertIdentity;
 use crate::metrics::{Metrics, RequestCounters};
-use crate::policy::{Channel, Reason, Target, Verdict};
+use crate::policy::{Reason, Verdict};
 use crate::reload::Reloader;
-use connect::ConnContext;
+use crate::throttle::AuthThrottle;
+use connect::{ClientCert, ConnContext};
+use registry::Tunnels;
 use upstream::Resolver;
 
 /// Request heads larger than this are refused by hyper (431) before any parsing work.
@@ -63,39 +64,29 @@ impl Snapshot {
 /// The live snapshot: one `load` per request, a `store` per successful reload.
 pub type LiveSnapshot = Arc<ArcSwap<Snapshot>>;
 
-/// An established tunnel, as revocation sees it.
-pub(crate) struct OpenTunnel {
-    pub app: Box<str>,
-    pub channel: Channel,
-    pub target: Target<'static>,
-    pub revoke: CancellationToken,
-}
-
 /// State shared by every listener, connection and tunnel.
 pub(crate) struct Shared {
     pub live: LiveSnapshot,
     pub resolver: Resolver,
     pub log: AccessLog,
     pub metrics: Metrics,
-    /// Fires when shutdown starts: stop accepting, close idle keep-alive connections.
+    /// Fires when shutdown is asked for: `/readyz` says 503 from then on.
+    pub unready: CancellationToken,
+    /// Fires when the shutdown delay is over: stop accepting, close idle keep-alive
+    /// connections, drain.
     pub stop: CancellationToken,
     /// Fires when the shutdown grace has run out: close every tunnel.
     pub abort: CancellationToken,
     pub tracker: TaskTracker,
-    pub tunnels: DashMap<u64, OpenTunnel>,
+    pub tunnels: Tunnels,
+    /// Failed proxy authentication per client address.
+    pub auth_throttle: AuthThrottle,
     /// The bound address of `server.listen` (what the PAC file names).
     pub proxy_addr: SocketAddr,
-    next_tunnel: AtomicU64,
+    /// Whether the admin listener runs (a reload may not remove its token then).
+    pub admin_running: bool,
     overloaded_response: Vec<u8>,
     lingering: Arc<Semaphore>,
-}
-
-impl Shared {
-    pub fn register_tunnel(&self, tunnel: OpenTunnel) -> u64 {
-        let id = self.next_tunnel.fetch_add(1, Ordering::Relaxed);
-        self.tunnels.insert(id, tunnel);
-        id
-    }
 }
 
 /// A client connection's `max_connections` slot; it also keeps the active gauge.
@@ -141,6 +132,7 @@ impl Gateway {
         };
         config.generation = 1;
         let metrics = Metrics::new();
+        metrics.register(Box::new(log.dropped_counter()));
         metrics.connections_max.set(config.limits.max_connections as i64);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let snapshot = Snapshot::new(config, &metrics);
@@ -150,12 +142,14 @@ impl Gateway {
             resolver: Resolver::default(),
             log,
             metrics,
+            unready: CancellationToken::new(),
             stop: CancellationToken::new(),
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            tunnels: DashMap::new(),
+            tunnels: Tunnels::default(),
+            auth_throttle: AuthThrottle::default(),
             proxy_addr,
-            next_tunnel: AtomicU64::new(0),
+            admin_running: admin.is_some(),
             overloaded_response: response::overloaded_bytes(),
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         });
@@ -191,7 +185,13 @@ impl Gateway {
             shared.tracker.spawn(accept_loop(listener, spec, shared.clone(), permits.clone()));
         }
         shutdown.await;
-        let grace = shared.live.load().config.limits.shutdown_grace;
+        shared.unready.cancel();
+        let limits = shared.live.load().config.limits;
+        if !limits.shutdown_delay.is_zero() {
+            tracing::info!(delay = ?limits.shutdown_delay, "shutting down: /readyz is 503; still accepting for the delay");
+            tokio::time::sleep(limits.shutdown_delay).await;
+        }
+        let grace = limits.shutdown_grace;
         tracing::info!(grace = ?grace, "shutting down: no new connections, draining tunnels");
         shared.stop.cancel();
         shared.tracker.close();
@@ -271,13 +271,11 @@ async fn serve_tls_connection(stream: TcpStream, mut ctx: ConnContext) {
             return;
         }
     };
-    ctx.cert = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(crate::tls::certificate_identity)
-        .map(|(app, channel)| CertIdentity { app: app.into(), channel });
+    ctx.cert = stream.get_ref().1.peer_certificates().and_then(|chain| {
+        let (app, channel) = crate::tls::certificate_identity(chain.first()?)?;
+        let identity = CertIdentity { app: app.into(), channel };
+        Some(ClientCert::new(identity, chain, snapshot.config.generation))
+    });
     serve_connection(stream, Arc::new(ctx)).await;
 }
 

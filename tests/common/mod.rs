@@ -256,7 +256,7 @@ impl TestGateway {
         let addrs = gateway.local_addrs();
         let admin = gateway.admin_addr();
         let reloader = gateway.reloader();
-        let watcher = miniapp_gateway::reload::spawn_watcher(reloader.clone()).unwrap();
+        let watcher = miniapp_gateway::reload::spawn_watcher(reloader.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.run(async move {
             let _ = stopped.await;
