@@ -4,15 +4,26 @@
 //! `/metrics`, `/healthz` and `/readyz` are always open (scrapers and probes carry no
 //! secrets); with `admin_token` set, every other path needs `Authorization: Bearer <token>`.
 //! It keeps answering while the proxy drains on shutdown, so `/readyz` can say 503.
+//!
+//! It is bounded like the proxy: at most [`MAX_CONNECTIONS`] connections (more are closed at
+//! once), a request head within [`HEAD_TIMEOUT`], a body of at most [`MAX_BODY`] within
+//! [`BODY_TIMEOUT`]. Browsers are kept from being used against it: a request for anything
+//! but the three open paths must name the listener by an IP address, `localhost` or one of
+//! `admin_hosts` in its `Host` (a DNS-rebound name is refused), and a state-changing request
+//! that carries a foreign `Origin` (a page elsewhere posting to it) is refused.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, WWW_AUTHENTICATE};
+use hyper::header::{
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,14 +32,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::policy::{App, Channel, DomainList, Verdict};
+use crate::policy::{App, Channel, DomainList, Host, Verdict, parse_authority, parse_host};
 use crate::proxy::Shared;
 use crate::reload::{Reloader, Trigger};
+use crate::throttle::AuthThrottle;
 
 /// Request bodies (only `/v1/check` has one) are small JSON documents.
-const MAX_BODY: usize = 64 * 1024;
+pub const MAX_BODY: usize = 64 * 1024;
+/// Admin connections served at once; a connection beyond it is closed unread.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive within this.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body must arrive within this.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Body = Full<Bytes>;
 
@@ -39,8 +58,10 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let tracker = tokio_util::task::TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let throttle = Arc::new(AuthThrottle::default());
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, client) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -51,14 +72,21 @@ pub(crate) async fn serve(
                 }
             },
         };
-        let (shared, reloader, stop) = (shared.clone(), reloader.clone(), stop.clone());
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%client, "admin connection limit reached; closing");
+            continue;
+        };
+        let local = stream.local_addr().unwrap_or(client);
+        let (shared, reloader, stop, throttle) = (shared.clone(), reloader.clone(), stop.clone(), throttle.clone());
         tracker.spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
+                let caller = Caller { client, local, throttle: throttle.clone() };
                 let (shared, reloader) = (shared.clone(), reloader.clone());
-                async move { Ok::<_, Infallible>(route(req, &shared, &reloader).await) }
+                async move { Ok::<_, Infallible>(route(req, &shared, &reloader, &caller).await) }
             });
             let mut builder = http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+            builder.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
@@ -71,7 +99,15 @@ pub(crate) async fn serve(
     tracker.wait().await;
 }
 
-async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader) -> Response<Body> {
+/// Who is calling, and where they reached the listener.
+struct Caller {
+    client: SocketAddr,
+    /// The listener's own address on this connection.
+    local: SocketAddr,
+    throttle: Arc<AuthThrottle>,
+}
+
+async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, caller: &Caller) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (&method, path.as_str()) {
@@ -89,12 +125,26 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader) -> 
         _ => {}
     }
     let snapshot = shared.live.load_full();
-    if let Some(token) = snapshot.config.server.admin_token.as_deref()
-        && !bearer_matches(&req, token)
-    {
-        let mut response = error(StatusCode::UNAUTHORIZED, "this admin path needs Authorization: Bearer <admin_token>");
-        response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"miniapp-gateway\""));
-        return response;
+    if let Err(refusal) = browser_guard(&req, &snapshot.config.server.admin_hosts) {
+        return refusal;
+    }
+    if let Some(token) = snapshot.config.server.admin_token.as_deref() {
+        if let Err(wait) = caller.throttle.check(caller.client.ip()) {
+            let mut response =
+                error(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications from this address; wait");
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
+            return response;
+        }
+        if !bearer_matches(&req, token) {
+            caller.throttle.failed(caller.client.ip());
+            shared.metrics.auth_failures_admin.inc();
+            let mut response =
+                error(StatusCode::UNAUTHORIZED, "this admin path needs Authorization: Bearer <admin_token>");
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"miniapp-gateway\""));
+            return response;
+        }
     }
     let policy = &snapshot.config.policy;
     match (&method, path.as_str()) {
@@ -117,7 +167,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader) -> 
         }
         (&Method::POST, "/v1/check") => check(req, policy).await,
         (&Method::GET, "/proxy.pac") => {
-            let proxy = pac_proxy(&req, &shared.proxy_addr);
+            let proxy = pac_proxy(&req, &shared.proxy_addr, caller.local.ip());
             let pac = format!(
                 "// miniapp-gateway: every request through the gateway, which refuses plain HTTP.\n\
                  function FindProxyForURL(url, host) {{\n  return \"PROXY {proxy}\";\n}}\n"
@@ -137,18 +187,61 @@ fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
     scheme.eq_ignore_ascii_case("bearer") && bool::from(presented.trim().as_bytes().ct_eq(token.as_bytes()))
 }
 
+/// The host of a `Host` header (`name`, `name:port`, `1.2.3.4:port`, `[::1]:port`), parsed
+/// as the proxy parses CONNECT targets; `None` for anything else.
+fn host_of(header: &str) -> Option<Host<'static>> {
+    let host = match parse_authority(header) {
+        Ok(target) => target.host,
+        Err(_) => parse_host(header).ok()?,
+    };
+    Some(match host {
+        Host::Name(name) => Host::Name(name.into_owned().into()),
+        Host::Ip(ip) => Host::Ip(ip),
+    })
+}
+
+/// Refuse what a browser could be tricked into sending: a `Host` that is not one of the
+/// listener's names (DNS rebinding), and a state-changing request from a foreign page.
+#[allow(clippy::result_large_err)]
+fn browser_guard(req: &Request<Incoming>, admin_hosts: &[String]) -> Result<(), Response<Body>> {
+    let header = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+    let host = header.and_then(host_of);
+    let known = match &host {
+        Some(Host::Ip(_)) => true,
+        Some(Host::Name(name)) => &**name == "localhost" || admin_hosts.iter().any(|h| h == &**name),
+        None => false,
+    };
+    if !known {
+        let message = "the Host of this request is not a name of this admin listener: use its IP address or \
+                       localhost, or add the name to [server].admin_hosts";
+        return Err(error(StatusCode::MISDIRECTED_REQUEST, message));
+    }
+    let changes_state = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let cross_site = req.headers().get("sec-fetch-site").is_some_and(|site| site.as_bytes() == b"cross-site");
+    let foreign_origin = req.headers().get(ORIGIN).is_some_and(|origin| {
+        let origin = origin.to_str().unwrap_or("");
+        let same = header.is_some_and(|host| origin == format!("http://{host}") || origin == format!("https://{host}"));
+        !same
+    });
+    if changes_state && (cross_site || foreign_origin) {
+        return Err(error(StatusCode::FORBIDDEN, "cross-origin requests may not change the gateway"));
+    }
+    Ok(())
+}
+
 /// The proxy address a PAC file names: the bound `server.listen`, or, when that is a
-/// wildcard address, the host the client reached the admin listener by, with the proxy port.
-fn pac_proxy(req: &Request<Incoming>, listen: &std::net::SocketAddr) -> String {
+/// wildcard address, the host the client reached the admin listener by (when it is a valid
+/// host), else the address it connected to, with the proxy port.
+fn pac_proxy(req: &Request<Incoming>, listen: &SocketAddr, local: IpAddr) -> String {
     if !listen.ip().is_unspecified() {
         return listen.to_string();
     }
-    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    };
-    format!("{host}:{}", listen.port())
+    let host = req.headers().get(HOST).and_then(|h| h.to_str().ok()).and_then(host_of);
+    match host {
+        Some(Host::Name(name)) => format!("{name}:{}", listen.port()),
+        Some(Host::Ip(ip)) => SocketAddr::new(ip, listen.port()).to_string(),
+        None => SocketAddr::new(local, listen.port()).to_string(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -160,10 +253,26 @@ struct CheckRequest {
     api: Option<String>,
 }
 
+/// Read a request body of at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
+#[allow(clippy::result_large_err)]
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the body may be at most {MAX_BODY} bytes"));
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), MAX_BODY).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}"))),
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive in time")),
+    }
+}
+
 async fn check(req: Request<Incoming>, policy: &crate::policy::Policy) -> Response<Body> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("cannot read the body: {e}")),
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
     };
     let request: CheckRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,

@@ -764,6 +764,62 @@ id = "demo"
     }
 
     #[test]
+    fn the_unknown_app_fallback_may_not_name_an_app_with_a_token() {
+        let text = "[policy]\nunknown_app = \"demo\"\n\n[[app]]\nid = \"demo\"\ntoken = \"s3cret\"\n";
+        let found = errors(text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with(r#"gw.toml:2:15: unknown_app = "demo" names an app with a token"#), "{found:?}");
+        assert!(errors("[policy]\nunknown_app = \"demo\"\n\n[[app]]\nid = \"demo\"\n").is_empty());
+    }
+
+    #[test]
+    fn values_that_would_overflow_are_refused() {
+        assert_eq!(
+            errors("[limits]\nmax_connections = 9223372036854775807\n"),
+            ["gw.toml:2:19: max_connections must be from 1 to 10000000"]
+        );
+        assert_eq!(
+            errors("[limits]\nidle_timeout = \"584542046090y\"\n"),
+            ["gw.toml:2:16: idle_timeout must be at most 7 days"]
+        );
+        assert!(errors("[limits]\nshutdown_delay = \"0s\"\nshutdown_grace = \"7d\"\n").is_empty());
+    }
+
+    #[test]
+    fn an_empty_file_is_never_a_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, "  \n").unwrap();
+        let err = load(&path, &mut AppsCache::default()).unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "gateway.toml:1:1: the config file is empty (truncated by a writer?); an empty file is never loaded"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_still_being_written_is_read_once_it_holds_still() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, "[server]\n").unwrap();
+        let writer_path = path.clone();
+        let writer = std::thread::spawn(move || {
+            // a slow writer: a line every 30 ms for a quarter of a second
+            let mut file = std::fs::OpenOptions::new().append(true).open(writer_path).unwrap();
+            for _ in 0..8 {
+                std::thread::sleep(Duration::from_millis(30));
+                std::io::Write::write_all(&mut file, b"# more\n").unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(10));
+        let text = super::super::read_settled(&path).unwrap();
+        writer.join().unwrap();
+        assert_eq!(text, format!("[server]\n{}", "# more\n".repeat(8)), "read before the writer finished");
+    }
+
+    #[test]
     fn tls_files_are_loaded_at_check_time() {
         let text = "[tls]\ncert = \"missing.crt\"\nkey = \"missing.key\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\ntls = true\n";
         let found = errors(text);

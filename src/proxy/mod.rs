@@ -211,8 +211,48 @@ async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// Whether an accept failed for want of file descriptors.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    // EMFILE (24): this process's limit; ENFILE (23): the system's.
+    matches!(e.raw_os_error(), Some(24 | 23))
+}
+
+/// One descriptor held back for the moment the process runs out: closing it lets the
+/// accept loop take one waiting connection and answer it `503 overloaded` instead of leaving
+/// it in the backlog (where it would be accepted again and again, failing each time).
+struct ReserveDescriptor(Option<std::fs::File>);
+
+impl ReserveDescriptor {
+    fn new() -> ReserveDescriptor {
+        ReserveDescriptor(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Free the reserve, turn one waiting connection away with it, and take it back.
+    async fn turn_away_one(&mut self, listener: &TcpListener, shared: &Shared) -> bool {
+        if self.0.take().is_none() {
+            *self = ReserveDescriptor::new();
+            return false;
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(10), listener.accept()).await;
+        let turned_away = if let Ok(Ok((stream, client))) = accepted {
+            count_overloaded(client, shared);
+            let _ = stream.try_write(&shared.overloaded_response);
+            // Read what the client already sent, so the close is a FIN and not a reset that
+            // could destroy the answer in flight.
+            let mut sink = [0u8; 4096];
+            while matches!(stream.try_read(&mut sink), Ok(n) if n > 0) {}
+            true
+        } else {
+            false
+        };
+        *self = ReserveDescriptor::new();
+        turned_away
+    }
+}
+
 async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shared>, permits: Arc<Semaphore>) {
     let mut backoff = Duration::from_millis(5);
+    let mut reserve = ReserveDescriptor::new();
     loop {
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -223,8 +263,15 @@ async fn accept_loop(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shar
                 backoff = Duration::from_millis(5);
                 accepted
             }
+            Err(e) if out_of_descriptors(&e) && reserve.turn_away_one(&listener, &shared).await => {
+                tracing::warn!(error = %e, listen = %spec.listen, "out of file descriptors: answering 503 overloaded");
+                // A short pause: the backlog is answered a few hundred connections a second
+                // without the loop spinning on a limit that will not lift at once.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
             Err(e) => {
-                // Out of file descriptors (EMFILE/ENFILE) or a transient failure: back off
+                // Out of file descriptors with no reserve, or a transient failure: back off
                 // instead of spinning, so established tunnels keep the CPU.
                 tracing::warn!(error = %e, listen = %spec.listen, "accept failed; backing off {backoff:?}");
                 tokio::time::sleep(backoff).await;
@@ -304,14 +351,19 @@ where
     }
 }
 
-/// Answer a connection over `max_connections` with 503 without reading its request.
-fn turn_away(stream: TcpStream, client: SocketAddr, shared: &Arc<Shared>) {
-    let _ = stream.try_write(&shared.overloaded_response);
+/// Count and log a connection turned away `503 overloaded`.
+fn count_overloaded(client: SocketAddr, shared: &Shared) {
     let snapshot = shared.live.load();
     snapshot.counters.count(None, None, Verdict::Deny, Reason::Overloaded);
     let status = Reason::Overloaded.status();
     let record = AccessRecord::new(client, snapshot.config.generation, Verdict::Deny, Reason::Overloaded, status);
     shared.log.record(record);
+}
+
+/// Answer a connection over `max_connections` with 503 without reading its request.
+fn turn_away(stream: TcpStream, client: SocketAddr, shared: &Arc<Shared>) {
+    let _ = stream.try_write(&shared.overloaded_response);
+    count_overloaded(client, shared);
     // Closing at once with the request unread would reset the connection and could destroy
     // the 503 in flight; give the client a moment to read it, within a bounded budget.
     if let Ok(linger) = shared.lingering.clone().try_acquire_owned() {

@@ -178,8 +178,10 @@ pub async fn splice_tcp(
     let (upstream_read, mut upstream_write) = upstream.split();
     let up = pump(&client_read, &mut upstream_write, &activity.up, &bytes.upstream);
     let down = pump(&upstream_read, &mut client_write, &activity.down, &bytes.downstream);
+    // A failure either way (a reset, a write to a closed socket) ends both at once; an end of
+    // stream is only a half-close, passed on, and the other direction carries on.
     let both = async {
-        let _ = tokio::join!(up, down);
+        let _ = tokio::try_join!(up, down);
     };
     let closed = watch(both, &activity, idle, stops).await;
     let moved = Transferred { up: activity.up.load(Ordering::Relaxed), down: activity.down.load(Ordering::Relaxed) };
@@ -465,6 +467,20 @@ mod tests {
         let (closed, moved) = task.await.unwrap();
         assert_eq!(closed, Closed::Finished);
         assert_eq!(moved.up, sizes.iter().map(|&s| s as u64).sum::<u64>());
+    }
+
+    #[tokio::test]
+    async fn a_reset_on_one_side_closes_the_other_at_once() {
+        let (client_peer, client, upstream, mut upstream_peer) = socket_pairs().await;
+        let task = spawn_splice_tcp(client, upstream, counters());
+        client_peer.set_linger(Some(Duration::ZERO)).unwrap(); // close with RST
+        drop(client_peer);
+        // A guard against a hang: without the fix the tunnel waits for its minute of idleness.
+        let (closed, _) = tokio::time::timeout(Duration::from_secs(10), task).await.expect("closed promptly").unwrap();
+        assert_eq!(closed, Closed::Finished);
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), upstream_peer.read(&mut buf)).await.unwrap();
+        assert!(matches!(read, Ok(0) | Err(_)), "the upstream side was closed: {read:?}");
     }
 
     #[tokio::test]
