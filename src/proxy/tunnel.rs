@@ -473,7 +473,7 @@ mod tests {
     async fn a_reset_on_one_side_closes_the_other_at_once() {
         let (client_peer, client, upstream, mut upstream_peer) = socket_pairs().await;
         let task = spawn_splice_tcp(client, upstream, counters());
-        client_peer.set_linger(Some(Duration::ZERO)).unwrap(); // close with RST
+        client_peer.set_zero_linger().unwrap(); // close with RST
         drop(client_peer);
         // A guard against a hang: without the fix the tunnel waits for its minute of idleness.
         let (closed, _) = tokio::time::timeout(Duration::from_secs(10), task).await.expect("closed promptly").unwrap();
