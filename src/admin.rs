@@ -116,7 +116,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         }
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            return if shared.stop.is_cancelled() {
+            return if shared.unready.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
             } else {
                 text(StatusCode::OK, "ready\n")
@@ -136,8 +136,11 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             return response;
         }
         if !bearer_matches(&req, token) {
-            caller.throttle.failed(caller.client.ip());
-            shared.metrics.auth_failures_admin.inc();
+            // A request without credentials is not a guess (and is what a browser sends first).
+            if req.headers().contains_key(AUTHORIZATION) {
+                caller.throttle.failed(caller.client.ip());
+                shared.metrics.auth_failures_admin.inc();
+            }
             let mut response =
                 error(StatusCode::UNAUTHORIZED, "this admin path needs Authorization: Bearer <admin_token>");
             response

@@ -124,13 +124,21 @@ struct Process {
 
 impl Process {
     fn start(config: &Path) -> Process {
-        let mut child = Command::new(BIN)
-            .args(["run", "-c", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(BIN);
+        command.args(["run", "-c", config.to_str().unwrap()]);
+        Process::spawn(command)
+    }
+
+    /// Start it with at most `limit` file descriptors (the shell's `ulimit -n`).
+    fn start_with_descriptor_limit(config: &Path, limit: u32) -> Process {
+        let mut command = Command::new("sh");
+        let script = format!("ulimit -n {limit} && exec \"$0\" run -c \"$1\"");
+        command.args(["-c", &script, BIN, config.to_str().unwrap()]);
+        Process::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Process {
+        let mut child = command.env("RUST_LOG", "info").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (found, startup) = std::sync::mpsc::channel();
         // Read stderr on a thread (and keep draining it, so the child never blocks on a full
@@ -325,4 +333,95 @@ async fn learn_turns_a_recorded_report_log_into_entries() {
     assert!(learned.starts_with(header), "{learned}");
     let out = gateway(&["learn", "/nonexistent.log"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // after the command: state is field 3; utime and stime are fields 14 and 15
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_it_answers_overloaded_without_spinning_and_recovers() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Process::start_with_descriptor_limit(&process_config(dir.path(), origin.addr, "1s"), 64);
+    // Hold connections until the gateway has no descriptor left for another.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.push(tokio::net::TcpStream::connect(gw.proxy).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut overloaded = 0;
+    for _ in 0..20 {
+        let answer = connect_as(gw.proxy, "demo", "x", "api.shop.example:443").await;
+        if (answer.status, answer.reason()) == (503, "overloaded") {
+            overloaded += 1;
+        }
+    }
+    assert!(overloaded >= 15, "{overloaded} of 20 CONNECTs were answered 503 overloaded");
+    // Out of descriptors with a connection waiting in the backlog: no busy loop.
+    let _waiting = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let before = cpu_seconds(gw.child.id());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_seconds(gw.child.id()) - before;
+    assert!(used < 0.5, "the gateway used {used} s of CPU in 2 s while out of descriptors");
+    // Descriptors back: it serves again.
+    drop(held);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = connect_as(gw.proxy, "demo", "x", "api.shop.example:443").await;
+        if answer.status == 200 {
+            let mut tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+            assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
+            break;
+        }
+        assert!(Instant::now() < deadline, "it did not recover: {} {}", answer.status, answer.reason());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_makes_it_unready_and_it_keeps_accepting_for_the_shutdown_delay() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = process_config(dir.path(), origin.addr, "5s");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n")
+        .replace("[limits]\n", "[limits]\nshutdown_delay = \"1500ms\"\n");
+    std::fs::write(&path, text).unwrap();
+    let mut gw = Process::start(&path);
+    let admin = gw.admin.unwrap();
+    assert_eq!(admin_request(admin, "GET", "/readyz", None, None).await.0, 200);
+    gw.signal("TERM");
+    let deadline = Instant::now() + WAIT;
+    while admin_request(admin, "GET", "/readyz", None, None).await.0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz stayed 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // unready, and still accepting: clients that have not heard yet are served
+    let answer = connect_as(gw.proxy, "demo", "x", "api.shop.example:443").await;
+    assert_eq!(answer.status, 200);
+    drop(answer);
+    let status = gw.wait_exit(WAIT);
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Process::start(&process_config(dir.path(), origin.addr, "60s"));
+    let answer = connect_as(gw.proxy, "demo", "x", "api.shop.example:443").await;
+    let _tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gw.child.try_wait().unwrap().is_none(), "draining its open tunnel for up to 60 s");
+    gw.signal("INT");
+    let status = gw.wait_exit(Duration::from_secs(5));
+    assert!(!status.success(), "a second signal is an abrupt exit: {status}");
 }

@@ -315,6 +315,45 @@ webview_domains = ["m.shop.example"]
     }
 
     #[tokio::test]
+    async fn a_new_client_ca_ends_what_the_old_one_verified() {
+        let rig = Rig::start().await;
+        let (answer, _) = rig.fetch(rig.proxy(Some("demo")).await.unwrap(), "api.shop.example", &[]).await;
+        assert_eq!(answer.status, 200);
+        let mut tunnel = answer.stream;
+        // a kept-alive connection, refused once and still open
+        let kept = connect_over(rig.proxy(Some("demo")).await.unwrap(), "evil.example:443", &[]).await;
+        assert_eq!((kept.status, kept.reason()), (403, "not_whitelisted"));
+
+        let text = std::fs::read_to_string(&rig.gw.path).unwrap();
+        let ours = format!("client_ca = \"{}/ca.crt\"", rig.certs.path().display());
+        let theirs = format!("client_ca = \"{}/ca.crt\"", rig.strangers.path().display());
+        std::fs::write(&rig.gw.path, text.replace(&ours, &theirs)).unwrap();
+        let (status, _) = admin_json(rig.gw.admin(), "POST", "/-/reload", None, None).await;
+        assert_eq!(status, 200);
+
+        closed_by_gateway(&mut tunnel).await;
+        let again = connect_over(kept.stream, "api.shop.example:443", &[]).await;
+        assert_eq!((again.status, again.reason()), (407, "bad_credentials"));
+        assert!(again.json()["message"].as_str().unwrap().contains("no longer verifies"));
+        let line = rig.gw.log.wait_for(|l| l["closed_by"] == "revoked").await;
+        assert_eq!(line["app"], "demo");
+    }
+
+    #[tokio::test]
+    async fn a_reload_may_not_take_tls_away_from_a_tls_listener() {
+        let rig = Rig::start().await;
+        let text = std::fs::read_to_string(&rig.gw.path).unwrap();
+        let start = text.find("[tls]").unwrap();
+        let end = text.find("[resolve]").unwrap();
+        std::fs::write(&rig.gw.path, format!("{}{}", &text[..start], &text[end..])).unwrap();
+        let (status, body) = admin_json(rig.gw.admin(), "POST", "/-/reload", None, None).await;
+        assert_eq!(status, 422);
+        assert!(body["error"].as_str().unwrap().contains("refusing to remove [tls]"), "{body}");
+        let (answer, got) = rig.fetch(rig.proxy(Some("demo")).await.unwrap(), "api.shop.example", &[]).await;
+        assert_eq!((answer.status, got.is_some()), (200, true), "still an HTTPS proxy");
+    }
+
+    #[tokio::test]
     async fn a_reload_rotates_the_proxy_certificate() {
         let rig = Rig::start().await;
         let fresh = tempfile::tempdir().unwrap();
