@@ -276,12 +276,16 @@ mod tests {
         assert!(writes < 100, "2,000 records queued at once are written in a few calls, not {writes}");
     }
 
-    /// A writer stuck until its gate opens (a stdout nobody reads).
-    struct Stuck(std::sync::mpsc::Receiver<()>);
+    /// A writer stuck until its gate opens (a stdout nobody reads); says when it got stuck.
+    struct Stuck {
+        gate: std::sync::mpsc::Receiver<()>,
+        stuck: std::sync::mpsc::Sender<()>,
+    }
 
     impl Write for Stuck {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let _ = self.0.recv();
+            let _ = self.stuck.send(());
+            let _ = self.gate.recv();
             Ok(buf.len())
         }
 
@@ -293,13 +297,16 @@ mod tests {
     #[test]
     fn a_stuck_writer_drops_and_counts_records_and_cannot_hold_the_exit() {
         let (open, gate) = std::sync::mpsc::channel();
-        let (log, writer) = AccessLog::start(LogFormat::Json, Box::new(Stuck(gate)));
+        let (stuck, is_stuck) = std::sync::mpsc::channel();
+        let (log, writer) = AccessLog::start(LogFormat::Json, Box::new(Stuck { gate, stuck }));
         let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let dropped = log.dropped_counter();
+        log.record(AccessRecord::new(client, 0, Verdict::Deny, Reason::NotWhitelisted, 403));
+        is_stuck.recv().unwrap();
         for generation in 0..(QUEUE as u64 + 100) {
             log.record(AccessRecord::new(client, generation, Verdict::Deny, Reason::NotWhitelisted, 403));
         }
-        assert!(dropped.get() >= 99, "the queue holds {QUEUE}; the rest are counted, got {}", dropped.get());
+        assert_eq!(dropped.get(), 100, "the queue holds {QUEUE}; the rest are dropped and counted");
         drop(log);
         assert!(!writer.finish(Duration::from_millis(100)), "gives up on a writer that never returns");
         drop(open);

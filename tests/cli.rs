@@ -67,7 +67,7 @@ id = "demo"
             r#"{p}:10:3: "https://api.shop.example:70000" in server_domains: the port must be a number from 1 to 65535"#
         ),
         format!(r#"{p}:12:20: "localhost" in webview_domains: localhost is not allowed"#),
-        format!(r#"{p}:12:46: "A.example" duplicates webview_domains[0]"#),
+        format!(r#"{p}:12:46: "A.example" duplicates webview_domains[1]"#),
         format!(r#"{p}:15:6: duplicate app id "demo" (first defined at {p}:5:6)"#),
     ];
     let stderr = String::from_utf8(out.stderr).unwrap();

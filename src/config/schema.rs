@@ -1,5 +1,7 @@
-//! The config file as written: serde structs that refuse unknown keys and keep the span of
-//! every value that validation may need to point at.
+//! The config file as written: serde structs that keep the span of every value that
+//! validation may need to point at. Unknown keys are not refused here, where serde would stop
+//! at the first: the validator collects every key these structs ignore and reports each one
+//! at its position.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,7 +16,6 @@ use crate::policy::{Action, Channel};
 pub type SpannedList<T> = Spanned<Vec<Spanned<T>>>;
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
@@ -33,14 +34,12 @@ pub struct RawConfig {
 
 /// A file in `apps_dir`: nothing but `[[app]]` tables.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAppsFile {
     #[serde(default)]
     pub app: Vec<RawApp>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<Spanned<String>>,
     pub admin_listen: Option<Spanned<String>>,
@@ -50,7 +49,6 @@ pub struct RawServer {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub max_connections: Option<Spanned<i64>>,
     pub connect_timeout: Option<Spanned<HumanDuration>>,
@@ -61,7 +59,6 @@ pub struct RawLimits {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     pub action: Option<Action>,
     pub require_https: Option<Spanned<bool>>,
@@ -76,7 +73,6 @@ pub struct RawPolicy {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub listen: Spanned<String>,
     pub app: Option<Spanned<String>>,
@@ -85,7 +81,6 @@ pub struct RawListener {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub cert: Spanned<String>,
     pub key: Spanned<String>,
@@ -93,7 +88,6 @@ pub struct RawTls {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawApp {
     pub id: Spanned<String>,
     pub name: Option<String>,
@@ -134,7 +128,10 @@ impl<'de> Deserialize<'de> for RawEntry {
                         "domain" if domain.is_none() => domain = Some(map.next_value::<String>()?),
                         "remark" if remark.is_none() => remark = Some(map.next_value::<String>()?),
                         "domain" | "remark" => return Err(de::Error::duplicate_field("domain or remark")),
-                        other => return Err(de::Error::unknown_field(other, &["domain", "remark"])),
+                        _ => {
+                            // reported by the validator, with the other unknown keys
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
                     }
                 }
                 let domain = domain.ok_or_else(|| de::Error::missing_field("domain"))?;

@@ -108,6 +108,44 @@ fn file_error(path: &Path, message: String) -> ConfigError {
     ConfigError { path: path.to_path_buf(), line: 1, col: 1, message }
 }
 
+/// Where an unknown key that serde_ignored names by its dotted path (`policy.acton`,
+/// `app.1.server_domain`, with `?` and `Spanned`'s private fields in between) is: the span of
+/// the key, the key, and the table it is in as a field path (`policy`, `app[1]`,
+/// `app[1].server_domains[0]`).
+fn unknown_key_place(document: &toml::de::DeTable<'_>, path: &str) -> (Range<usize>, String, String) {
+    let segments: Vec<&str> =
+        path.split('.').filter(|s| *s != "?" && !s.starts_with("$__serde_spanned_private")).collect();
+    let Some((key, parents)) = segments.split_last() else { return (0..0, path.to_owned(), String::new()) };
+    let mut value: Option<&toml::de::DeValue<'_>> = None;
+    let mut table = Some(document);
+    let mut span = 0..0;
+    let mut shown = String::new();
+    for segment in parents {
+        let next = match (value, segment.parse::<usize>()) {
+            (Some(toml::de::DeValue::Array(items)), Ok(index)) => {
+                shown.push_str(&format!("[{index}]"));
+                items.get(index)
+            }
+            _ => {
+                if !shown.is_empty() {
+                    shown.push('.');
+                }
+                shown.push_str(segment);
+                table.and_then(|t| t.iter().find(|(k, _)| k.get_ref().as_ref() == *segment).map(|(_, v)| v))
+            }
+        };
+        span = next.map_or(span, |v| v.span());
+        value = next.map(|v| v.get_ref());
+        table = match value {
+            Some(toml::de::DeValue::Table(t)) => Some(t),
+            _ => None,
+        };
+    }
+    let key_span =
+        table.and_then(|t| t.iter().find(|(k, _)| k.get_ref().as_ref() == *key).map(|(k, _)| k.span())).unwrap_or(span);
+    (key_span, (*key).to_owned(), shown)
+}
+
 fn resolve_relative(config: &Path, relative: &str) -> PathBuf {
     let base = config.parent().unwrap_or(Path::new("."));
     base.join(relative)
@@ -171,9 +209,31 @@ impl Validator {
         ConfigErrors(errors)
     }
 
+    /// Deserialize a source, reporting every unknown key (not only the first) at its place.
     fn parse<T: DeserializeOwned>(&mut self, source: usize) -> Option<T> {
-        match toml::from_str::<T>(&self.sources[source].text) {
-            Ok(value) => Some(value),
+        let text = &self.sources[source].text;
+        let mut unknown = Vec::new();
+        let parsed = toml::Deserializer::parse(text)
+            .and_then(|de| serde_ignored::deserialize(de, |path| unknown.push(path.to_string())));
+        let mut found = Vec::new();
+        if !unknown.is_empty()
+            && let Ok(document) = toml::de::DeTable::parse(text)
+        {
+            for path in &unknown {
+                let (span, key, table) = unknown_key_place(document.get_ref(), path);
+                let message = match table.as_str() {
+                    "" => format!("unknown field `{key}`"),
+                    table => format!("unknown field `{key}` in {table}"),
+                };
+                found.push((span, message));
+            }
+        }
+        for (span, message) in found {
+            self.error(source, span, message);
+        }
+        match parsed {
+            Ok(value) if unknown.is_empty() => Some(value),
+            Ok(_) => None,
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
                 let message = e.message().trim_end().to_owned();
@@ -606,7 +666,9 @@ impl Validator {
             );
         }
         let mut entries: Vec<Entry> = Vec::with_capacity(raw.get_ref().len());
-        for item in raw.get_ref().iter().take(max) {
+        // Each valid entry's index in the file, to name the first copy of a duplicate.
+        let mut positions: Vec<usize> = Vec::with_capacity(raw.get_ref().len());
+        for (position, item) in raw.get_ref().iter().take(max).enumerate() {
             let RawEntry { domain, remark } = item.get_ref();
             if let Some(remark) = remark
                 && remark.chars().count() > MAX_REMARK_CHARS
@@ -623,9 +685,11 @@ impl Validator {
                     if let Some(first) =
                         entries.iter().position(|e| e.pattern == entry.pattern && e.ports == entry.ports)
                     {
+                        let first = positions[first];
                         self.error(source, item.span(), format!("{domain:?} duplicates {key}[{first}]"));
                     } else {
                         entries.push(entry);
+                        positions.push(position);
                     }
                 }
                 Err(e) => self.error(source, item.span(), format!("{domain:?} in {key}: {e}")),
@@ -725,9 +789,23 @@ id = "demo"
     }
 
     #[test]
+    fn every_unknown_key_is_reported_where_it_is() {
+        let text = "[policy]\nacton = \"report\"\n\n[[app]]\nid = \"a\"\n\n[[app]]\nid = \"b\"\nserver_domain = [\"b.example\"]\nserver_domains = [{ domain = \"c.example\", remrk = \"x\" }]\n";
+        assert_eq!(
+            errors(text),
+            [
+                "gw.toml:2:1: unknown field `acton` in policy",
+                "gw.toml:9:1: unknown field `server_domain` in app[1]",
+                "gw.toml:10:43: unknown field `remrk` in app[1].server_domains[0]",
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_types_are_errors() {
         assert_eq!(errors("[server]\nlisten = \"127.0.0.1:8080\"\nlisen = 1\n").len(), 1);
         assert!(errors("[server]\nlisen = 1\n")[0].starts_with("gw.toml:2:1: unknown field `lisen`"));
+        assert_eq!(errors("verbose = true\n"), ["gw.toml:1:1: unknown field `verbose`"]);
         assert!(errors("[limits]\nconnect_timeout = \"soon\"\n")[0].starts_with("gw.toml:2:19: invalid duration"));
     }
 
@@ -738,6 +816,9 @@ id = "demo"
         assert_eq!(errors(&text), ["gw.toml:3:18: server_domains has 31 entries; at most 30 are allowed"]);
         let text = "[[app]]\nid = \"demo\"\nwebview_domains = [\"a.example\", \"https://A.example:443\"]\n";
         assert_eq!(errors(text), [r#"gw.toml:3:33: "https://A.example:443" duplicates webview_domains[0]"#]);
+        // the first copy is named by its place in the file, invalid entries before it counted
+        let text = "[[app]]\nid = \"demo\"\nwebview_domains = [\"http://x.example\", \"a.example\", \"a.example\"]\n";
+        assert_eq!(errors(text)[1], r#"gw.toml:3:53: "a.example" duplicates webview_domains[1]"#);
         let remark = "r".repeat(201);
         let text =
             format!("[[app]]\nid = \"demo\"\nserver_domains = [{{ domain = \"a.example\", remark = \"{remark}\" }}]\n");
