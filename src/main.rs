@@ -33,6 +33,16 @@ struct ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Start the gateway and serve until SIGTERM or SIGINT.
+    ///
+    /// Opens the proxy listeners ([server].listen and every [[listener]], served over TLS when
+    /// [tls] is set) and, with [server].admin_listen, the admin listener: /metrics, /healthz,
+    /// /readyz, /-/reload, /v1/* and /proxy.pac (with admin_token, all but the first three
+    /// need Authorization: Bearer). Logs one startup line on stderr naming the addresses, which
+    /// of them speak TLS, the generation and the number of apps; writes one access log line
+    /// per decision on stdout. Reloads on config changes, SIGHUP and POST /-/reload. Listen
+    /// addresses, [tls] on a listener and admin_listen change only on restart. On SIGTERM or
+    /// SIGINT: /readyz turns 503, accepting goes on for shutdown_delay, tunnels drain for
+    /// shutdown_grace; a second signal exits at once.
     Run {
         #[command(flatten)]
         config: ConfigArg,
@@ -41,6 +51,11 @@ enum Command {
         log_format: LogFormat,
     },
     /// Validate the config (and its apps_dir) without starting; exit 1 on any error.
+    ///
+    /// On success prints `ok: N apps, M entries` on stdout and exits 0. Otherwise prints every
+    /// error, not only the first, one per line as `PATH:LINE:COL: message` on stderr (the file
+    /// may be the config or one of its apps_dir files), and exits 1. Files named by the config
+    /// ([tls] certificates and keys, admin_token_file) are read and checked too.
     Check {
         #[command(flatten)]
         config: ConfigArg,
@@ -207,7 +222,9 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
         let gateway = Gateway::bind(config, loader, log).await?;
         let addrs: Vec<String> = gateway.local_addrs().iter().map(ToString::to_string).collect();
         let admin = gateway.admin_addr().map_or_else(|| "off".to_owned(), |a| a.to_string());
-        tracing::info!(listen = %addrs.join(","), admin = %admin, generation = 1, apps, config = %path.display(), "miniapp-gateway started");
+        let tls: Vec<String> = gateway.tls_addrs().iter().map(ToString::to_string).collect();
+        let tls = if tls.is_empty() { "none".to_owned() } else { tls.join(",") };
+        tracing::info!(listen = %addrs.join(","), tls = %tls, admin = %admin, generation = 1, apps, config = %path.display(), "miniapp-gateway started");
         let reloader = gateway.reloader();
         let _watcher = spawn_watcher(reloader.clone());
         let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

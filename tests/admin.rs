@@ -294,3 +294,54 @@ async fn the_dashboard_and_alerts_name_only_exported_metrics() {
         }
     }
 }
+
+/// The shipped config, on port 0.
+fn shipped_config_on_port_0() -> String {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/gateway.toml")).unwrap();
+    let text = text.replace("127.0.0.1:8080\"", "127.0.0.1:0\"").replace("127.0.0.1:8081\"", "127.0.0.1:0\"");
+    assert!(text.contains("admin_listen = \"127.0.0.1:9090\""), "the shipped config runs the admin listener");
+    text.replace("admin_listen = \"127.0.0.1:9090\"", "admin_listen = \"127.0.0.1:0\"")
+}
+
+#[tokio::test]
+async fn the_shipped_config_answers_the_readme_admin_examples() {
+    let gw = TestGateway::start(&shipped_config_on_port_0()).await;
+    let admin = gw.admin();
+    let (status, _, body) = admin_request(admin, "GET", "/healthz", None, None).await;
+    assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
+    let (status, body) = admin_json(admin, "POST", "/-/reload", None, None).await;
+    assert_eq!((status, body["generation"].as_u64()), (200, Some(2)));
+    let (status, body) = admin_json(admin, "GET", "/v1/apps/demo", None, None).await;
+    assert_eq!((status, body["name"].as_str()), (200, Some("Demo shop")));
+    assert_eq!(body["server_domains"][1]["remark"], "image CDN");
+    let check = r#"{"app":"demo","channel":"webview","url":"https://m.shop.example/cart"}"#;
+    let (status, body) = admin_json(admin, "POST", "/v1/check", Some(check), None).await;
+    assert_eq!(
+        (status, body["decision"].as_str(), body["rule"].as_str()),
+        (200, Some("allow"), Some("webview_domains[0]"))
+    );
+    let (status, body) =
+        admin_json(admin, "POST", "/v1/check", Some(r#"{"app":"demo","api":"shop.refund"}"#), None).await;
+    assert_eq!((status, body["reason"].as_str()), (200, Some("api_not_whitelisted")));
+    let (status, _, body) = admin_request(admin, "GET", "/proxy.pac", None, None).await;
+    assert_eq!(status, 200);
+    assert!(String::from_utf8(body).unwrap().contains(&format!("PROXY {}", gw.addr())));
+    let (_, _, body) = admin_request(admin, "GET", "/metrics", None, None).await;
+    assert_eq!(metric_value(&String::from_utf8(body).unwrap(), "gateway_config_generation"), 2.0);
+}
+
+#[tokio::test]
+async fn a_plain_http_refusal_names_the_app_that_asked() {
+    let (_origin, gw) = setup("").await;
+    let request = format!(
+        "GET http://api.shop.example/ HTTP/1.1\r\nHost: api.shop.example\r\nProxy-Authorization: {}\r\n\r\n",
+        basic("demo", "s3cret")
+    );
+    let answer = send_raw(gw.addr(), &request).await;
+    assert_eq!((answer.status, answer.reason()), (403, "https_required"));
+    assert_eq!(answer.json()["app"], "demo");
+    let line = gw.log.wait_for(|l| l["reason"] == "https_required").await;
+    assert_eq!((line["app"].as_str(), line["channel"].as_str()), (Some("demo"), Some("request")));
+    let series = r#"gateway_requests_total{app="demo",channel="request",decision="deny",reason="https_required"}"#;
+    assert_eq!(gw.metric(series).await, 1.0);
+}

@@ -140,6 +140,15 @@ pub(crate) async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Res
             attempt.host = req.uri().host().map(Into::into);
             attempt.port =
                 req.uri().port_u16().or_else(|| req.uri().scheme().map(|s| if s == "https" { 443 } else { 80 }));
+            // Identify first, so the refusal's log line and counter name the app (no token
+            // check is needed to refuse, and a failed one is not counted against the client).
+            let policy = &snapshot.config.policy;
+            let cert = ctx.cert.as_ref().map(|cert| &cert.identity);
+            if let Ok(identity) = identify(ctx.binding.as_ref(), cert, req.headers(), policy) {
+                attempt.counted_app = policy.effective_app(&identity.app).map(|app| app.id.clone());
+                attempt.app = Some(identity.app);
+                attempt.channel = Some(identity.channel);
+            }
             Reason::HttpsRequired
         } else {
             Reason::NotAProxyRequest

@@ -162,6 +162,11 @@ impl Gateway {
         self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
     }
 
+    /// The bound proxy addresses that are served over TLS.
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter(|(_, spec)| spec.tls).filter_map(|(l, _)| l.local_addr().ok()).collect()
+    }
+
     /// The bound admin address, when `admin_listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
