@@ -5,6 +5,10 @@
 //! `idle`: open N tunnels (CONNECT, then a full TLS handshake with the origin through each,
 //! so every proxy has an established tunnel past any inspection), print `ready`, hold them
 //! until stdin closes or S seconds pass; prints how many opened and how many failed.
+//! `stall`: serve as a plain TCP origin on `--origin` (accept, count what arrives, hold), open N
+//! tunnels to it, send the first half of a ClientHello grown to `--hello-bytes` on each and
+//! stall there, as a client holding the gateway's ClientHello wait open would; print `ready`
+//! with how many the gateway closed, hold until stdin closes or S seconds pass.
 //!
 //! Only ever connects to the proxy address it is given (the harness passes loopback).
 
@@ -27,6 +31,8 @@ struct Args {
     seconds: u64,
     count: usize,
     ca: Option<String>,
+    hello_bytes: usize,
+    origin: Option<SocketAddr>,
 }
 
 fn args() -> Args {
@@ -39,6 +45,8 @@ fn args() -> Args {
         seconds: 10,
         count: 1000,
         ca: None,
+        hello_bytes: 65_000,
+        origin: None,
     };
     let mut it = std::env::args().skip(1);
     args.mode = it.next().expect("usage: loadgen deny|idle --proxy ADDR --target HOST:PORT [...]");
@@ -52,10 +60,13 @@ fn args() -> Args {
             "--seconds" => args.seconds = value.parse().expect("a number"),
             "--count" => args.count = value.parse().expect("a number"),
             "--ca" => args.ca = Some(value),
+            "--hello-bytes" => args.hello_bytes = value.parse().expect("a number"),
+            "--origin" => args.origin = Some(value.parse().expect("--origin IP:PORT")),
             other => panic!("unknown flag {other}"),
         }
     }
     assert!(args.proxy.ip().is_loopback(), "loadgen only talks to loopback proxies");
+    assert!(args.origin.is_none_or(|o| o.ip().is_loopback()), "the origin listens on loopback only");
     args
 }
 
@@ -189,12 +200,131 @@ async fn idle(args: Arc<Args>) {
     drop(held);
 }
 
+/// A ClientHello rustls writes for `host`, grown by a padding extension to about `size` bytes
+/// (at most a 64 KiB handshake message), in records of at most 16 KiB.
+fn large_client_hello(host: &str, size: usize) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = ServerName::try_from(host.to_owned()).expect("a host name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut first = Vec::new();
+    conn.write_tls(&mut first).unwrap();
+    let mut message = first[5..].to_vec();
+    let session_id = 4 + 2 + 32;
+    let suites = session_id + 1 + usize::from(message[session_id]);
+    let compression = suites + 2 + usize::from(u16::from_be_bytes([message[suites], message[suites + 1]]));
+    let extensions = compression + 1 + usize::from(message[compression]);
+    let block = usize::from(u16::from_be_bytes([message[extensions], message[extensions + 1]]));
+    let records = size.div_ceil(16 * 1024);
+    let padding = size.saturating_sub(message.len() + 4 + 5 * records).min(0xffff - 4 - message.len());
+    message[extensions..extensions + 2].copy_from_slice(&u16::try_from(block + 4 + padding).unwrap().to_be_bytes());
+    message.extend_from_slice(&0x0015u16.to_be_bytes());
+    message.extend_from_slice(&u16::try_from(padding).unwrap().to_be_bytes());
+    message.resize(message.len() + padding, 0);
+    let body = u32::try_from(message.len() - 4).unwrap().to_be_bytes();
+    message[1..4].copy_from_slice(&body[1..]);
+    let mut wire = Vec::new();
+    for piece in message.chunks(16 * 1024) {
+        wire.extend_from_slice(&[0x16, 0x03, 0x01]);
+        wire.extend_from_slice(&u16::try_from(piece.len()).unwrap().to_be_bytes());
+        wire.extend_from_slice(piece);
+    }
+    wire
+}
+
+async fn stall(args: Arc<Args>) {
+    let origin =
+        tokio::net::TcpListener::bind(args.origin.expect("stall needs --origin")).await.expect("bind --origin");
+    let origin_bytes = Arc::new(AtomicU64::new(0));
+    let counted = origin_bytes.clone();
+    tokio::spawn(async move {
+        while let Ok((mut upstream, _)) = origin.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = upstream.read(&mut buf).await {
+                    counted.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let host = args.target.rsplit_once(':').map_or(args.target.as_str(), |(h, _)| h);
+    let hello = large_client_hello(host, args.hello_bytes);
+    let half = Arc::new(hello[..hello.len() / 2].to_vec());
+    let request = Arc::new(connect_request(&args));
+    let closed = Arc::new(AtomicU64::new(0));
+    let settled = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(args.connections));
+    let mut tasks = Vec::with_capacity(args.count);
+    for _ in 0..args.count {
+        let (args, request, half, gate) = (args.clone(), request.clone(), half.clone(), gate.clone());
+        let (closed, settled, failed) = (closed.clone(), settled.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let open = async {
+                let _opening = gate.acquire_owned().await.ok()?;
+                let stream = TcpStream::connect(args.proxy).await.ok()?;
+                let mut stream = BufReader::new(stream);
+                stream.get_mut().write_all(&request).await.ok()?;
+                if read_response(&mut stream).await.ok()? != 200 {
+                    return None;
+                }
+                let mut stream = stream.into_inner();
+                stream.write_all(&half).await.ok()?;
+                Some(stream)
+            };
+            let opened = open.await;
+            if opened.is_none() {
+                failed.fetch_add(1, Ordering::Relaxed);
+            }
+            settled.fetch_add(1, Ordering::Relaxed);
+            let mut stream = opened?;
+            // Nothing comes back while the gateway waits; an end means it gave up on us.
+            let mut sink = [0u8; 64];
+            while let Ok(1..) = stream.read(&mut sink).await {}
+            closed.fetch_add(1, Ordering::Relaxed);
+            Some(())
+        }));
+    }
+    while settled.load(Ordering::Relaxed) < args.count as u64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed = failed.load(Ordering::Relaxed);
+    println!(
+        "{{\"ready\":true,\"opened\":{},\"failed\":{failed},\"closed_by_gateway\":{},\"sent_each\":{},\"hello_bytes\":{},\"origin_bytes\":{}}}",
+        args.count as u64 - failed,
+        closed.load(Ordering::Relaxed),
+        half.len(),
+        hello.len(),
+        origin_bytes.load(Ordering::Relaxed)
+    );
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    let _ = tokio::time::timeout(Duration::from_secs(args.seconds), async {
+        while let Ok(n) = stdin.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    for task in tasks {
+        task.abort();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = Arc::new(args());
     match args.mode.as_str() {
         "deny" => deny(args).await,
         "idle" => idle(args).await,
-        other => panic!("unknown mode {other}: deny or idle"),
+        "stall" => stall(args).await,
+        other => panic!("unknown mode {other}: deny, idle or stall"),
     }
 }

@@ -94,6 +94,11 @@ enum Command {
         /// are always in it). Repeat for more.
         #[arg(long = "host", value_name = "NAME")]
         hosts: Vec<String>,
+        /// Replace files that already exist (each atomically, keys owner-only). Without it,
+        /// existing files are an error and nothing is written: a new CA invalidates every
+        /// certificate the old one signed.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -153,7 +158,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config.config),
         Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
         Command::Learn { access_log, wildcards } => learn(&access_log, &wildcards),
-        Command::Certs { dir, apps, hosts } => match tls::write_dev_certs(&dir, &hosts, &apps) {
+        Command::Certs { dir, apps, hosts, force } => match tls::write_dev_certs(&dir, &hosts, &apps, force) {
             Ok(written) => {
                 for file in written.files {
                     println!("wrote {}", file.display());

@@ -121,13 +121,79 @@ pub struct DevCerts {
     pub files: Vec<PathBuf>,
 }
 
-/// Write a development CA, a gateway certificate for `hosts` (plus localhost, 127.0.0.1, ::1)
-/// and one client certificate per app into `dir`, all PEM. Keys are written owner-only.
-pub fn write_dev_certs(dir: &Path, hosts: &[String], apps: &[(String, Option<Channel>)]) -> Result<DevCerts, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let err = |e: rcgen::Error| format!("cannot make a certificate: {e}");
-    let mut files = Vec::new();
+/// Why `miniapp-gateway certs` did not write a full set.
+#[derive(Debug, thiserror::Error)]
+pub enum DevCertsError {
+    /// Files it would write already exist and `--force` was not given; nothing was written.
+    #[error(
+        "refusing to overwrite {}; nothing was written. Every run makes a new CA, and overwriting \
+         the CA invalidates every certificate it signed (clients and the gateway would have to be \
+         given the new ones): pass --force to replace them",
+        list_paths(.0)
+    )]
+    Exists(Vec<PathBuf>),
+    /// A certificate could not be made or a file could not be written.
+    #[error("{0}")]
+    Failed(String),
+}
 
+fn list_paths(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Write a development CA, a gateway certificate for `hosts` (plus localhost, 127.0.0.1, ::1)
+/// and one client certificate per app into `dir`, all PEM.
+///
+/// Existing files are never touched unless `force` is set: every run makes a new CA, so a
+/// second run would silently invalidate every certificate the first one signed. Every target
+/// is checked before anything is written. With `force`, each file is written to a temporary
+/// file in `dir` and renamed over its target, so a reader never sees half a key and a symlink
+/// planted at a target is replaced, not written through. Keys are created owner-only (`0600`)
+/// from the first byte, whatever mode a file they replace had.
+pub fn write_dev_certs(
+    dir: &Path,
+    hosts: &[String],
+    apps: &[(String, Option<Channel>)],
+    force: bool,
+) -> Result<DevCerts, DevCertsError> {
+    let failed = DevCertsError::Failed;
+    std::fs::create_dir_all(dir).map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+    let err = |e: rcgen::Error| failed(format!("cannot make a certificate: {e}"));
+
+    let mut stems: Vec<(String, &String, &Option<Channel>)> = Vec::new();
+    for (app, channel) in apps {
+        let stem = match channel {
+            Some(channel) => format!("{app}-{channel}"),
+            None => app.clone(),
+        };
+        if !stems.iter().any(|(seen, _, _)| *seen == stem) {
+            stems.push((stem, app, channel));
+        }
+    }
+    let mut targets =
+        vec!["ca.crt".to_owned(), "ca.key".to_owned(), "gateway.crt".to_owned(), "gateway.key".to_owned()];
+    for (stem, _, _) in &stems {
+        targets.push(format!("{stem}.crt"));
+        targets.push(format!("{stem}.key"));
+    }
+    if !force {
+        let mut existing = Vec::new();
+        for file in &targets {
+            let path = dir.join(file);
+            // `symlink_metadata`: a dangling symlink is an existing entry too.
+            match std::fs::symlink_metadata(&path) {
+                Ok(_) => existing.push(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(failed(format!("cannot look at {}: {e}", path.display()))),
+            }
+        }
+        if !existing.is_empty() {
+            return Err(DevCertsError::Exists(existing));
+        }
+    }
+
+    // Make everything first, so that a failure leaves no partial set behind.
+    let mut pems: Vec<String> = Vec::with_capacity(targets.len());
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages =
@@ -136,8 +202,8 @@ pub fn write_dev_certs(dir: &Path, hosts: &[String], apps: &[(String, Option<Cha
     let ca_key = KeyPair::generate().map_err(err)?;
     let ca_key_pem = ca_key.serialize_pem();
     let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(err)?;
-    files.push(write(dir, "ca.crt", &ca.pem(), false)?);
-    files.push(write(dir, "ca.key", &ca_key_pem, true)?);
+    pems.push(ca.pem());
+    pems.push(ca_key_pem);
 
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     names.extend(hosts.iter().cloned());
@@ -146,10 +212,10 @@ pub fn write_dev_certs(dir: &Path, hosts: &[String], apps: &[(String, Option<Cha
     gateway.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate().map_err(err)?;
     let cert = gateway.signed_by(&key, &ca).map_err(err)?;
-    files.push(write(dir, "gateway.crt", &cert.pem(), false)?);
-    files.push(write(dir, "gateway.key", &key.serialize_pem(), true)?);
+    pems.push(cert.pem());
+    pems.push(key.serialize_pem());
 
-    for (app, channel) in apps {
+    for (_, app, channel) in &stems {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(app);
         let uri = match channel {
@@ -160,12 +226,21 @@ pub fn write_dev_certs(dir: &Path, hosts: &[String], apps: &[(String, Option<Cha
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().map_err(err)?;
         let cert = params.signed_by(&key, &ca).map_err(err)?;
-        let stem = match channel {
-            Some(channel) => format!("{app}-{channel}"),
-            None => app.clone(),
-        };
-        files.push(write(dir, &format!("{stem}.crt"), &cert.pem(), false)?);
-        files.push(write(dir, &format!("{stem}.key"), &key.serialize_pem(), true)?);
+        pems.push(cert.pem());
+        pems.push(key.serialize_pem());
+    }
+
+    let mut files = Vec::with_capacity(targets.len());
+    for (file, pem) in targets.iter().zip(&pems) {
+        let secret = file.ends_with(".key");
+        let path = if force { replace(dir, file, pem, secret) } else { create(dir, file, pem, secret) };
+        files.push(path.map_err(failed)?);
+    }
+    if force {
+        // The renames are durable once the directory is.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| failed(format!("cannot sync {}: {e}", dir.display())))?;
     }
     Ok(DevCerts { files })
 }
@@ -176,19 +251,45 @@ fn name(common_name: &str) -> DistinguishedName {
     name
 }
 
-fn write(dir: &Path, file: &str, pem: &str, secret: bool) -> Result<PathBuf, String> {
-    use std::io::Write;
+/// A new file that must not exist yet: `O_CREAT | O_EXCL | O_NOFOLLOW`, so neither an existing
+/// file nor a symlink (dangling or not) at `path` is ever opened. Keys get `0600` at creation
+/// (the umask can only narrow it), certificates `0644`.
+fn create_new(path: &Path, secret: bool) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(file);
-    let mode = if secret { 0o600 } else { 0o644 };
-    let mut out = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&path)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+fn write_synced(mut out: std::fs::File, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    out.write_all(pem.as_bytes())?;
+    out.sync_all()
+}
+
+/// Write `dir/file`, which must not exist.
+fn create(dir: &Path, file: &str, pem: &str, secret: bool) -> Result<PathBuf, String> {
+    let path = dir.join(file);
+    create_new(&path, secret)
+        .and_then(|out| write_synced(out, pem))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    out.write_all(pem.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// Replace `dir/file` atomically: a fresh temporary file beside it, synced, renamed over it.
+/// `rename` replaces whatever entry is at the target (a symlink included) without following it.
+fn replace(dir: &Path, file: &str, pem: &str, secret: bool) -> Result<PathBuf, String> {
+    let path = dir.join(file);
+    let tmp = dir.join(format!(".{file}.{}.tmp", std::process::id()));
+    let out = create_new(&tmp, secret).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    if let Err(e) = write_synced(out, pem).and_then(|()| std::fs::rename(&tmp, &path)) {
+        // Only a temporary file this call created is removed.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("cannot write {}: {e}", path.display()));
+    }
     Ok(path)
 }
 
@@ -223,7 +324,7 @@ mod tests {
     fn dev_certs_carry_the_app_identity_and_load_as_a_server_config() {
         let dir = tempfile::tempdir().unwrap();
         let apps = [("demo".to_owned(), None), ("demo".to_owned(), Some(Channel::Webview))];
-        let written = write_dev_certs(dir.path(), &["gw.internal".into()], &apps).unwrap();
+        let written = write_dev_certs(dir.path(), &["gw.internal".into()], &apps, false).unwrap();
         assert_eq!(written.files.len(), 8);
         let read = |file: &str| CertificateDer::from_pem_file(dir.path().join(file)).unwrap();
         assert_eq!(certificate_identity(&read("demo.crt")), Some(("demo".into(), None)));

@@ -425,3 +425,104 @@ async fn a_second_signal_exits_at_once() {
     let status = gw.wait_exit(Duration::from_secs(5));
     assert!(!status.success(), "a second signal is an abrupt exit: {status}");
 }
+
+/// Every file `certs DIR --app demo` writes, with its bytes.
+fn dev_cert_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    ["ca.crt", "ca.key", "gateway.crt", "gateway.key", "demo.crt", "demo.key"]
+        .into_iter()
+        .map(|file| (file.to_owned(), std::fs::read(dir.join(file)).unwrap()))
+        .collect()
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn certs_refuses_to_overwrite_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("dev");
+    let out = gateway(&["certs", certs.to_str().unwrap(), "--app", "demo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first = dev_cert_files(&certs);
+
+    let out = gateway(&["certs", certs.to_str().unwrap(), "--app", "demo"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    for (file, _) in &first {
+        assert!(stderr.contains(&certs.join(file).display().to_string()), "{file} not named: {stderr}");
+    }
+    assert!(stderr.contains("invalidates every certificate it signed"), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(dev_cert_files(&certs), first, "a refused run changed the files");
+
+    // One existing file among new ones is enough to refuse, and nothing else is written.
+    let partial = dir.path().join("partial");
+    std::fs::create_dir(&partial).unwrap();
+    std::fs::write(partial.join("demo.crt"), "mine").unwrap();
+    let out = gateway(&["certs", partial.to_str().unwrap(), "--app", "demo"]);
+    assert_eq!(out.status.code(), Some(1));
+    let left: Vec<_> = std::fs::read_dir(&partial).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["demo.crt"]);
+    assert_eq!(std::fs::read(partial.join("demo.crt")).unwrap(), b"mine");
+}
+
+#[test]
+fn certs_force_replaces_keys_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = gateway(&["certs", dir.path().to_str().unwrap(), "--app", "demo"]);
+    assert!(out.status.success());
+    let first = dev_cert_files(dir.path());
+    for key in ["ca.key", "gateway.key", "demo.key"] {
+        assert_eq!(mode(&dir.path().join(key)), 0o600, "{key}");
+        std::fs::set_permissions(dir.path().join(key), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    let out = gateway(&["certs", dir.path().to_str().unwrap(), "--app", "demo", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let second = dev_cert_files(dir.path());
+    for ((file, before), (_, after)) in first.iter().zip(&second) {
+        assert_ne!(before, after, "{file} was not replaced");
+        let expected = if file.ends_with(".key") { 0o600 } else { 0o644 };
+        assert_eq!(mode(&dir.path().join(file)), expected, "{file}");
+    }
+    // no temporary file is left behind
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["ca.crt", "ca.key", "demo.crt", "demo.key", "gateway.crt", "gateway.key"]);
+}
+
+#[test]
+fn certs_never_writes_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("dev");
+    std::fs::create_dir(&certs).unwrap();
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, "do not touch").unwrap();
+    std::os::unix::fs::symlink(&precious, certs.join("ca.key")).unwrap();
+    // a dangling one: following it would create the file it points at
+    let elsewhere = dir.path().join("elsewhere.key");
+    std::os::unix::fs::symlink(&elsewhere, certs.join("gateway.key")).unwrap();
+
+    let out = gateway(&["certs", certs.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains(&certs.join("ca.key").display().to_string()), "{stderr}");
+    assert!(stderr.contains(&certs.join("gateway.key").display().to_string()), "{stderr}");
+    assert!(!certs.join("ca.crt").exists());
+
+    let out = gateway(&["certs", certs.to_str().unwrap(), "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "do not touch");
+    assert!(!elsewhere.exists(), "a dangling symlink was followed");
+    for key in ["ca.key", "gateway.key"] {
+        let path = certs.join(key);
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_file(), "{key} is still a symlink");
+        assert_eq!(mode(&path), 0o600);
+        assert!(std::fs::read_to_string(&path).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
+    }
+}

@@ -168,9 +168,9 @@ mod https_proxy {
             let certs = tempfile::tempdir().unwrap();
             let apps =
                 [("demo".to_owned(), None), ("demo".to_owned(), Some(Channel::Webview)), ("ghost".to_owned(), None)];
-            write_dev_certs(certs.path(), &[], &apps).unwrap();
+            write_dev_certs(certs.path(), &[], &apps, false).unwrap();
             let strangers = tempfile::tempdir().unwrap();
-            write_dev_certs(strangers.path(), &[], &apps[..1]).unwrap();
+            write_dev_certs(strangers.path(), &[], &apps[..1], false).unwrap();
             let dir = certs.path().display();
             let config = format!(
                 r#"
@@ -357,7 +357,7 @@ webview_domains = ["m.shop.example"]
     async fn a_reload_rotates_the_proxy_certificate() {
         let rig = Rig::start().await;
         let fresh = tempfile::tempdir().unwrap();
-        write_dev_certs(fresh.path(), &[], &[]).unwrap();
+        write_dev_certs(fresh.path(), &[], &[], false).unwrap();
         for file in ["gateway.crt", "gateway.key"] {
             std::fs::copy(fresh.path().join(file), rig.certs.path().join(file)).unwrap();
         }

@@ -57,11 +57,16 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 
 impl Origin {
     pub async fn start(names: &[&str]) -> Origin {
+        Self::start_with(names, rustls::crypto::ring::default_provider()).await
+    }
+
+    /// An origin whose TLS is made with `provider` (to offer only some key exchange groups).
+    pub async fn start_with(names: &[&str], provider: rustls::crypto::CryptoProvider) -> Origin {
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
         let certified = rcgen::generate_simple_self_signed(names).unwrap();
         let cert = certified.cert.der().clone();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
