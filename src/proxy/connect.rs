@@ -320,7 +320,8 @@ async fn run_tunnel(
         Ok(parts) => (ClientStream::Tcp(parts.io.into_inner()), parts.read_buf),
         Err(upgraded) => (ClientStream::Other(TokioIo::new(upgraded)), Bytes::new()),
     };
-    let mut hello = prefix.to_vec();
+    // The first bytes to forward: what hyper read past the head, or the whole ClientHello.
+    let mut hello = prefix.clone();
     if settings.verify_tls {
         let read = tokio::select! {
             biased;
@@ -351,7 +352,7 @@ async fn run_tunnel(
             shared.log.record(tunnel.finish(Closed::TlsCheck, Transferred::default()));
             return;
         }
-        hello = bytes;
+        hello = Bytes::from(bytes);
     }
     tunnel.count(&shared);
     shared.metrics.tunnels_active.inc();
@@ -359,18 +360,21 @@ async fn run_tunnel(
         upstream: shared.metrics.bytes_upstream.clone(),
         downstream: shared.metrics.bytes_downstream.clone(),
     };
-    let (closed, mut moved) = if let Err(e) = upstream.write_all(&hello).await {
+    let hello_len = hello.len() as u64;
+    let written = upstream.write_all(&hello).await;
+    drop(hello); // not held for the tunnel's life
+    let (closed, mut moved) = if let Err(e) = written {
         tracing::debug!(error = %e, "upstream went away before the ClientHello");
         (Closed::Finished, Transferred::default())
     } else {
-        bytes.upstream.inc_by(hello.len() as u64);
+        bytes.upstream.inc_by(hello_len);
         let stops = Stops { abort: &shared.abort, revoke: &revoke };
         match client {
             ClientStream::Tcp(client) => tunnel::splice_tcp(client, upstream, settings.idle, stops, &bytes).await,
             ClientStream::Other(client) => tunnel::splice(client, upstream, settings.idle, stops, &bytes).await,
         }
     };
-    moved.up += hello.len() as u64;
+    moved.up += hello_len;
     drop(registration);
     shared.metrics.tunnels_active.dec();
     shared.metrics.tunnel_duration.observe(tunnel.started.elapsed().as_secs_f64());
