@@ -220,6 +220,7 @@ fn explain(path: &std::path::Path, app: &str, channel: Channel, url: &str) -> Ex
 fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
     let mut loader = config::Loader::new(&path);
     let config = loader.load().map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    check_descriptor_limit(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let (log, writer) = AccessLog::start(log_format, Box::new(std::io::stdout()));
     runtime.block_on(async move {
@@ -268,3 +269,31 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
 
 /// How long the exit waits for the last access log lines to be written (stdout may be stuck).
 const LOG_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// Raise the soft limit on open files to the hard limit (as nginx's `worker_rlimit_nofile` and
+/// Go's runtime do: the soft limit of 1,024 many shells start with is far below what a proxy
+/// needs), and warn when `max_connections` tunnels would still not fit in it: each takes two
+/// descriptors.
+fn check_descriptor_limit(max_connections: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    let needed = (max_connections as u64).saturating_mul(2).saturating_add(64);
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = limit.rlim_cur,
+            "max_connections tunnels need about {needed} descriptors, more than the open files limit: beyond it \
+             connections are answered 503 overloaded; raise the limit (LimitNOFILE=, ulimit -n)"
+        );
+    }
+}
