@@ -129,7 +129,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         return refusal;
     }
     if let Some(token) = snapshot.config.server.admin_token.as_deref() {
-        if let Err(wait) = caller.throttle.check(caller.client.ip()) {
+        if let Err(wait) = caller.throttle.check(caller.client.ip(), "") {
             let mut response =
                 error(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications from this address; wait");
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
@@ -138,7 +138,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         if !bearer_matches(&req, token) {
             // A request without credentials is not a guess (and is what a browser sends first).
             if req.headers().contains_key(AUTHORIZATION) {
-                caller.throttle.failed(caller.client.ip());
+                caller.throttle.failed(caller.client.ip(), "");
                 shared.metrics.auth_failures_admin.inc();
             }
             let mut response =

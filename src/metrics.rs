@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -171,6 +172,9 @@ const OUTCOMES: usize = CHANNELS * VERDICTS * Reason::ALL.len();
 struct AppCounters {
     app: Box<str>,
     slots: OnceLock<Box<[OnceLock<IntCounter>; OUTCOMES]>>,
+    /// Set when a reload removed the app: its series are gone, and whatever this snapshot
+    /// still counts for it goes to the anonymous series rather than bringing them back.
+    gone: AtomicBool,
 }
 
 /// Per-snapshot cache of `gateway_requests_total` children (see the module docs).
@@ -189,20 +193,20 @@ impl RequestCounters {
 
     /// Count one decision. `app` is the app whose rules applied, `None` when none did.
     pub fn count(&self, app: Option<&str>, channel: Option<Channel>, verdict: Verdict, reason: Reason) {
-        let counters = app.and_then(|id| self.apps.get(id)).unwrap_or(&self.anonymous);
-        counters.counter(&self.family, channel, verdict, reason).inc();
+        let counters = app.and_then(|id| self.apps.get(id)).filter(|c| !c.gone.load(Ordering::Relaxed));
+        counters.unwrap_or(&self.anonymous).counter(&self.family, channel, verdict, reason).inc();
     }
 
     /// Remove the series of every app that `policy` (the one replacing this snapshot's) no
     /// longer has, so `/metrics` stops exporting apps that are gone.
+    /// Every combination is removed, not only those this snapshot counted: the series may
+    /// have been made under an earlier one.
     pub fn forget_apps_not_in(&self, policy: &Policy) {
         for counters in self.apps.values().filter(|counters| policy.app(&counters.app).is_none()) {
-            let Some(slots) = counters.slots.get() else { continue };
-            for (index, slot) in slots.iter().enumerate() {
-                if slot.get().is_some() {
-                    let (channel, verdict, reason) = outcome_labels(index);
-                    let _ = self.family.remove_label_values(&[&*counters.app, channel, verdict, reason]);
-                }
+            counters.gone.store(true, Ordering::Relaxed);
+            for index in 0..OUTCOMES {
+                let (channel, verdict, reason) = outcome_labels(index);
+                let _ = self.family.remove_label_values(&[&*counters.app, channel, verdict, reason]);
             }
         }
     }
@@ -234,7 +238,7 @@ fn outcome_index(channel: Option<Channel>, verdict: Verdict, reason: Reason) -> 
 
 impl AppCounters {
     fn new(app: &str) -> AppCounters {
-        AppCounters { app: app.into(), slots: OnceLock::new() }
+        AppCounters { app: app.into(), slots: OnceLock::new(), gone: AtomicBool::new(false) }
     }
 
     fn counter(

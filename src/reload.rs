@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use crate::config::watch::{ConfigWatcher, WatchSet, settle};
-use crate::config::{self, Config, ConfigErrors, Loader};
+use crate::config::{self, Config, ConfigError, ConfigErrors, Loader};
 use crate::metrics::Metrics;
 use crate::proxy::{Shared, Snapshot};
 
@@ -75,16 +75,16 @@ fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> 
 
 /// What a loaded config would take away from listeners that are running: a reload may rotate
 /// the admin token and the `[tls]` files, but not remove them.
-fn removals(running: &Config, loaded: &Config, admin_running: bool) -> Vec<String> {
+fn removals(running: &Config, loaded: &Config, shared: &Shared) -> Vec<String> {
     let mut problems = Vec::new();
-    if admin_running && running.server.admin_token.is_some() && loaded.server.admin_token.is_none() {
+    if shared.admin_running && running.server.admin_token.is_some() && loaded.server.admin_token.is_none() {
         problems.push(
             "refusing to remove admin_token while the admin listener runs: that would open it to anyone; \
              restart to turn admin authentication off"
                 .to_owned(),
         );
     }
-    if running.listeners.iter().any(|l| l.tls) && loaded.tls.is_none() {
+    if shared.tls_running && loaded.tls.is_none() {
         problems.push("refusing to remove [tls] while TLS listeners run on it; restart to turn TLS off".to_owned());
     }
     problems
@@ -153,7 +153,13 @@ impl Reloader {
         .await
         .map(|(returned, print, result)| {
             *loader = returned;
-            *self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = print;
+            // A config that could not be read (out of descriptors, a writer that would not
+            // stop) is tried again by the periodic check; one that is invalid is not, until
+            // its files change again.
+            let unreadable = result.as_ref().is_err_and(|errors| errors.0.iter().any(ConfigError::is_unreadable));
+            if !unreadable {
+                *self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = print;
+            }
             result
         });
         let generation = current.config.generation;
@@ -166,7 +172,7 @@ impl Reloader {
                 return self.fail(trigger, generation, ConfigErrors(vec![error]));
             }
         };
-        let removed = removals(&current.config, &config, self.shared.admin_running);
+        let removed = removals(&current.config, &config, &self.shared);
         if !removed.is_empty() {
             let errors = removed
                 .into_iter()
@@ -251,7 +257,11 @@ pub fn spawn_watcher_every(reloader: Arc<Reloader>, repair: Duration, rehash: Du
                     }
                     Err(_) => {}
                 },
-                Some(running) => reload = running.repair(),
+                Some(running) => {
+                    // A reload by SIGHUP or the admin API may have moved apps_dir.
+                    running.update(reloader.watch_set());
+                    reload = running.repair();
+                }
             }
             let watching = watcher.as_ref().is_some_and(ConfigWatcher::watching_all);
             up.set(i64::from(watching));

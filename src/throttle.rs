@@ -1,24 +1,33 @@
-//! Failed authentication, rate-limited per client address.
+//! Failed authentication, rate-limited per client address and app.
 //!
-//! Each client address (an IPv6 client by its /64, which one host usually owns whole) has a
-//! token bucket of [`BURST`] failures that refills at [`REFILL_PER_SECOND`]. A client whose
-//! bucket is empty is refused `429` before its credentials are even looked at, so a token
+//! Each (client address, app claimed) pair has a token bucket of [`BURST`] failures that
+//! refills at [`REFILL_PER_SECOND`]; an IPv6 client counts by its /64, which one host usually
+//! owns whole. A pair whose bucket is empty is refused `429` whatever it presents, so a token
 //! cannot be guessed at line rate, while a client that mistyped a few times never notices.
-//! Only failures take from the bucket; successes cost nothing.
+//! Keying by app as well keeps one misconfigured miniapp from locking out the others that
+//! share its address (a sidecar on loopback, an office behind NAT). Only failures take from a
+//! bucket; an address that never failed costs one atomic load.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::Mutex;
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 /// Failures a client may make in a row before it is slowed down.
 pub const BURST: f64 = 10.0;
 /// Failures per second a client may keep making after its burst.
 pub const REFILL_PER_SECOND: f64 = 1.0;
-/// Addresses tracked at most. When full, addresses whose buckets are full again are
-/// forgotten (at most once a second); if none is, a new address goes untracked rather than
-/// growing the map: an attacker with that many addresses is a job for a firewall.
+/// Pairs tracked at most. When full, pairs whose buckets are full again are forgotten (at
+/// most once a second); if that frees nothing, new pairs share one overflow bucket: under a
+/// flood from that many addresses new clients are slowed together rather than not at all.
 const MAX_TRACKED: usize = 65_536;
+/// The bucket new pairs share while the map is full.
+const OVERFLOW: Key = (IpAddr::V4(Ipv4Addr::UNSPECIFIED), u64::MAX);
+
+/// (client address or /64, hash of the app claimed).
+type Key = (IpAddr, u64);
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -33,73 +42,76 @@ impl Bucket {
     }
 }
 
-/// The per-address failure buckets of one listener.
-#[derive(Debug)]
+/// The failure buckets of one listener.
+#[derive(Debug, Default)]
 pub struct AuthThrottle {
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
-    last_sweep: Mutex<Option<Instant>>,
+    buckets: DashMap<Key, Bucket>,
+    /// `buckets.len()`, kept apart so that the common case (nobody failed) takes no lock.
+    tracked: AtomicUsize,
+    sweeping: AtomicBool,
 }
 
-impl Default for AuthThrottle {
-    fn default() -> Self {
-        AuthThrottle { buckets: Mutex::new(HashMap::new()), last_sweep: Mutex::new(None) }
-    }
-}
-
-/// The key of a client: its IPv4 address, or the /64 of its IPv6 address.
-fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
+/// The key of a client claiming `app`: its IPv4 address or the /64 of its IPv6 address.
+fn key(ip: IpAddr, app: &str) -> Key {
+    let ip = match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
             None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
         },
-    }
+    };
+    (ip, foldhash::fast::FixedState::with_seed(0).hash_one(app))
 }
 
 impl AuthThrottle {
-    /// Whether `ip` may try to authenticate now; when not, how long until it may.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        self.check_at(ip, Instant::now())
+    /// Whether `ip` may try to authenticate as `app` now; when not, how long until it may.
+    /// `app` is the id claimed (`""` when none could be read).
+    pub fn check(&self, ip: IpAddr, app: &str) -> Result<(), Duration> {
+        self.check_at(ip, app, Instant::now())
     }
 
-    /// Note a failed authentication by `ip`.
-    pub fn failed(&self, ip: IpAddr) {
-        self.failed_at(ip, Instant::now());
+    /// Note a failed authentication by `ip` claiming `app`.
+    pub fn failed(&self, ip: IpAddr, app: &str) {
+        self.failed_at(ip, app, Instant::now());
     }
 
-    fn check_at(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
-        let buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match buckets.get(&client_key(ip)) {
-            Some(bucket) => {
-                let tokens = bucket.refilled(now);
-                if tokens >= 1.0 { Ok(()) } else { Err(Duration::from_secs_f64((1.0 - tokens) / REFILL_PER_SECOND)) }
-            }
-            None => Ok(()),
+    fn check_at(&self, ip: IpAddr, app: &str, now: Instant) -> Result<(), Duration> {
+        if self.tracked.load(Ordering::Relaxed) == 0 {
+            return Ok(());
         }
+        let key = key(ip, app);
+        let bucket = self.buckets.get(&key).map(|b| *b).or_else(|| {
+            (self.tracked.load(Ordering::Relaxed) >= MAX_TRACKED).then(|| self.buckets.get(&OVERFLOW).map(|b| *b))?
+        });
+        let Some(bucket) = bucket else { return Ok(()) };
+        let tokens = bucket.refilled(now);
+        if tokens >= 1.0 { Ok(()) } else { Err(Duration::from_secs_f64((1.0 - tokens) / REFILL_PER_SECOND)) }
     }
 
-    fn failed_at(&self, ip: IpAddr, now: Instant) {
-        let key = client_key(ip);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !buckets.contains_key(&key) && buckets.len() >= MAX_TRACKED {
-            let mut last_sweep = self.last_sweep.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if last_sweep.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
-                *last_sweep = Some(now);
-                buckets.retain(|_, bucket| bucket.refilled(now) < BURST);
-            }
-            if buckets.len() >= MAX_TRACKED {
-                return;
+    fn failed_at(&self, ip: IpAddr, app: &str, now: Instant) {
+        let mut key = key(ip, app);
+        if !self.buckets.contains_key(&key) && self.tracked.load(Ordering::Relaxed) >= MAX_TRACKED {
+            self.sweep(now);
+            if self.tracked.load(Ordering::Relaxed) >= MAX_TRACKED {
+                key = OVERFLOW;
             }
         }
-        let bucket = buckets.entry(key).or_insert(Bucket { tokens: BURST, updated: now });
+        let mut bucket = self.buckets.entry(key).or_insert_with(|| {
+            self.tracked.fetch_add(1, Ordering::Relaxed);
+            Bucket { tokens: BURST, updated: now }
+        });
         bucket.tokens = (bucket.refilled(now) - 1.0).max(0.0);
         bucket.updated = now;
     }
 
-    #[cfg(test)]
-    fn tracked(&self) -> usize {
-        self.buckets.lock().unwrap().len()
+    /// Forget the pairs whose buckets are full again; one sweep at a time.
+    fn sweep(&self, now: Instant) {
+        if self.sweeping.swap(true, Ordering::Acquire) {
+            return;
+        }
+        self.buckets.retain(|_, bucket| bucket.refilled(now) < BURST);
+        self.tracked.store(self.buckets.len(), Ordering::Relaxed);
+        self.sweeping.store(false, Ordering::Release);
     }
 }
 
@@ -113,16 +125,17 @@ mod tests {
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let start = Instant::now();
         for _ in 0..BURST as usize {
-            assert!(throttle.check_at(ip, start).is_ok());
-            throttle.failed_at(ip, start);
+            assert!(throttle.check_at(ip, "demo", start).is_ok());
+            throttle.failed_at(ip, "demo", start);
         }
-        let wait = throttle.check_at(ip, start).unwrap_err();
+        let wait = throttle.check_at(ip, "demo", start).unwrap_err();
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
-        assert!(throttle.check_at("192.0.2.8".parse().unwrap(), start).is_ok(), "other clients are not slowed");
+        assert!(throttle.check_at("192.0.2.8".parse().unwrap(), "demo", start).is_ok(), "other clients go on");
+        assert!(throttle.check_at(ip, "shop", start).is_ok(), "other apps from the same address go on");
         let later = start + Duration::from_millis(1_100);
-        assert!(throttle.check_at(ip, later).is_ok(), "one more try after a second");
-        throttle.failed_at(ip, later);
-        assert!(throttle.check_at(ip, later).is_err());
+        assert!(throttle.check_at(ip, "demo", later).is_ok(), "one more try after a second");
+        throttle.failed_at(ip, "demo", later);
+        assert!(throttle.check_at(ip, "demo", later).is_err());
     }
 
     #[test]
@@ -130,22 +143,28 @@ mod tests {
         let throttle = AuthThrottle::default();
         let now = Instant::now();
         for i in 0..BURST as u32 {
-            throttle.failed_at(format!("2001:db8:1:2::{i:x}").parse().unwrap(), now);
+            throttle.failed_at(format!("2001:db8:1:2::{i:x}").parse().unwrap(), "demo", now);
         }
-        assert!(throttle.check_at("2001:db8:1:2:ffff::1".parse().unwrap(), now).is_err());
-        assert!(throttle.check_at("2001:db8:1:3::1".parse().unwrap(), now).is_ok());
+        assert!(throttle.check_at("2001:db8:1:2:ffff::1".parse().unwrap(), "demo", now).is_err());
+        assert!(throttle.check_at("2001:db8:1:3::1".parse().unwrap(), "demo", now).is_ok());
     }
 
     #[test]
-    fn the_map_never_grows_past_its_bound() {
+    fn a_full_map_sweeps_then_shares_an_overflow_bucket() {
         let throttle = AuthThrottle::default();
         let now = Instant::now();
-        for i in 0..(MAX_TRACKED as u32 + 100) {
-            throttle.failed_at(IpAddr::V4(i.into()), now);
+        for i in 0..(MAX_TRACKED as u32) {
+            throttle.failed_at(IpAddr::V4(i.into()), "demo", now);
         }
-        assert_eq!(throttle.tracked(), MAX_TRACKED);
-        // a second on, every bucket is full again: the next new address sweeps them away
-        throttle.failed_at("198.51.100.1".parse().unwrap(), now + Duration::from_secs(11));
-        assert_eq!(throttle.tracked(), 1);
+        assert_eq!(throttle.buckets.len(), MAX_TRACKED);
+        // nobody's bucket has refilled: newcomers share the overflow bucket, and are slowed
+        for _ in 0..BURST as usize {
+            throttle.failed_at("198.51.100.1".parse().unwrap(), "demo", now);
+        }
+        assert_eq!(throttle.buckets.len(), MAX_TRACKED + 1);
+        assert!(throttle.check_at("198.51.100.2".parse().unwrap(), "demo", now).is_err(), "fails closed");
+        // eleven seconds on, every bucket is full again: the next newcomer sweeps them away
+        throttle.failed_at("198.51.100.3".parse().unwrap(), "demo", now + Duration::from_secs(11));
+        assert_eq!(throttle.buckets.len(), 1);
     }
 }

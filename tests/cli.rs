@@ -392,7 +392,7 @@ async fn sigterm_makes_it_unready_and_it_keeps_accepting_for_the_shutdown_delay(
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n")
-        .replace("[limits]\n", "[limits]\nshutdown_delay = \"1500ms\"\n");
+        .replace("[limits]\n", "[limits]\nshutdown_delay = \"5s\"\n");
     std::fs::write(&path, text).unwrap();
     let mut gw = Process::start(&path);
     let admin = gw.admin.unwrap();

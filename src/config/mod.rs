@@ -112,6 +112,15 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl ConfigError {
+    /// Whether the error is that a file could not be read (rather than that it is invalid):
+    /// such a failure may pass by itself, so it is worth trying again.
+    pub fn is_unreadable(&self) -> bool {
+        // Every read failure of the loader is worded "cannot read …".
+        self.message.starts_with("cannot read")
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.col, self.message)

@@ -129,8 +129,12 @@ impl ConfigWatcher {
         Ok(this)
     }
 
-    /// Watch a new set of directories (after a reload changed `apps_dir`).
+    /// Watch a new set of directories (after a reload changed `apps_dir`); nothing changes
+    /// (and no event is missed) when the set is the one watched.
     pub fn update(&mut self, set: WatchSet) {
+        if *self.set.read().unwrap_or_else(|poisoned| poisoned.into_inner()) == set && !self.watching.is_empty() {
+            return;
+        }
         for (dir, identity) in self.watching.drain(..) {
             if identity.is_some() {
                 let _ = self.watcher.unwatch(&dir);

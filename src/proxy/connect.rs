@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
-use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, PROXY_AUTHORIZATION, RETRY_AFTER, TRANSFER_ENCODING};
+use hyper::header::{CONNECTION, CONTENT_LENGTH, HeaderValue, RETRY_AFTER, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::client_hello::{Peek, read_client_hello};
-use super::registry::{Credential, OpenTunnel, Registration};
+use super::registry::{Credential, OpenTunnel, Registration, TlsCheck};
 use super::response::{self, Body};
 use super::tunnel::{self, ByteCounters, Closed, Stops, Transferred};
 use super::upstream::dial;
@@ -140,14 +140,18 @@ pub(crate) async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Res
             attempt.host = req.uri().host().map(Into::into);
             attempt.port =
                 req.uri().port_u16().or_else(|| req.uri().scheme().map(|s| if s == "https" { 443 } else { 80 }));
-            // Identify first, so the refusal's log line and counter name the app (no token
-            // check is needed to refuse, and a failed one is not counted against the client).
+            // Identify first, so the refusal's log line and counter name the app. Credentials
+            // are checked (and rate-limited) as for a CONNECT; none at all is no reason to
+            // withhold the answer that plain HTTP is refused.
             let policy = &snapshot.config.policy;
-            let cert = ctx.cert.as_ref().map(|cert| &cert.identity);
-            if let Ok(identity) = identify(ctx.binding.as_ref(), cert, req.headers(), policy) {
-                attempt.counted_app = policy.effective_app(&identity.app).map(|app| app.id.clone());
-                attempt.app = Some(identity.app);
-                attempt.channel = Some(identity.channel);
+            match authenticate(&req, &ctx, policy, &mut attempt) {
+                Ok(Some(identity)) => {
+                    attempt.counted_app = policy.effective_app(&identity.app).map(|app| app.id.clone());
+                    attempt.app = Some(identity.app);
+                    attempt.channel = Some(identity.channel);
+                }
+                Ok(None) => {}
+                Err(refusal) => return Ok(refusal),
             }
             Reason::HttpsRequired
         } else {
@@ -156,6 +160,48 @@ pub(crate) async fn handle(req: Request<Incoming>, ctx: Arc<ConnContext>) -> Res
         return Ok(attempt.refuse(&ctx, reason, None));
     }
     Ok(connect(req, &ctx, &mut attempt).await)
+}
+
+/// Who is asking: `None` when the request carries no identity at all; a refusal for wrong,
+/// ambiguous or rate-limited credentials. A client that presents a password is held to the
+/// failure rate limit (per address and app claimed) before it learns whether it was right.
+#[allow(clippy::result_large_err)]
+fn authenticate(
+    req: &Request<Incoming>,
+    ctx: &ConnContext,
+    policy: &crate::policy::Policy,
+    attempt: &mut Attempt<'_>,
+) -> Result<Option<crate::identity::Identity>, Response<Body>> {
+    let cert_identity = ctx.cert.as_ref().map(|cert| &cert.identity);
+    let identified = identify(ctx.binding.as_ref(), cert_identity, req.headers(), policy);
+    if ctx.binding.is_none() && ctx.cert.is_none() {
+        let claimed = match &identified {
+            Ok(identity) => Some(&*identity.app),
+            Err(IdentityError::BadCredentials { app }) => Some(app.as_deref().unwrap_or("")),
+            Err(_) => None,
+        };
+        if let Some(claimed) = claimed
+            && let Err(wait) = ctx.shared.auth_throttle.check(ctx.client.ip(), claimed)
+        {
+            let mut response = attempt.refuse(ctx, Reason::AuthRateLimited, None);
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
+            return Err(response);
+        }
+    }
+    match identified {
+        Ok(identity) => Ok(Some(identity)),
+        Err(IdentityError::Missing) => Ok(None),
+        Err(IdentityError::BadCredentials { app }) => {
+            ctx.shared.auth_throttle.failed(ctx.client.ip(), app.as_deref().unwrap_or(""));
+            ctx.shared.metrics.auth_failures_proxy.inc();
+            attempt.counted_app = app.clone();
+            attempt.app = app;
+            Err(attempt.refuse(ctx, Reason::BadCredentials, None))
+        }
+        Err(e @ (IdentityError::BadChannel | IdentityError::Ambiguous)) => {
+            Err(attempt.refuse_with(ctx, Reason::MalformedRequest, None, &e.to_string()))
+        }
+    }
 }
 
 async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut Attempt<'_>) -> Response<Body> {
@@ -193,27 +239,10 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         return response;
     }
-    let by_password = ctx.binding.is_none() && ctx.cert.is_none() && req.headers().contains_key(PROXY_AUTHORIZATION);
-    if by_password && let Err(wait) = ctx.shared.auth_throttle.check(ctx.client.ip()) {
-        let mut response = attempt.refuse(ctx, Reason::AuthRateLimited, None);
-        let seconds = wait.as_secs() + 1;
-        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
-        return response;
-    }
-    let cert_identity = ctx.cert.as_ref().map(|cert| &cert.identity);
-    let identity = match identify(ctx.binding.as_ref(), cert_identity, req.headers(), policy) {
-        Ok(identity) => identity,
-        Err(IdentityError::Missing) => return attempt.refuse(ctx, Reason::AuthRequired, None),
-        Err(IdentityError::BadCredentials { app }) => {
-            ctx.shared.auth_throttle.failed(ctx.client.ip());
-            ctx.shared.metrics.auth_failures_proxy.inc();
-            attempt.counted_app = app.clone();
-            attempt.app = app;
-            return attempt.refuse(ctx, Reason::BadCredentials, None);
-        }
-        Err(e @ (IdentityError::BadChannel | IdentityError::Ambiguous)) => {
-            return attempt.refuse_with(ctx, Reason::MalformedRequest, None, &e.to_string());
-        }
+    let identity = match authenticate(&req, ctx, policy, attempt) {
+        Ok(Some(identity)) => identity,
+        Ok(None) => return attempt.refuse(ctx, Reason::AuthRequired, None),
+        Err(refusal) => return refusal,
     };
     attempt.app = Some(identity.app.clone());
     attempt.channel = Some(identity.channel);
@@ -232,7 +261,10 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
             Some(cert) => Credential::Certificate(cert.chain.clone()),
             None => Credential::Listener,
         },
-        Proof::Token(token) => Credential::Token(token),
+        Proof::Token(token) => {
+            let has_token = policy.app(&identity.app).is_some_and(|app| app.token.is_some());
+            Credential::Token(has_token.then_some(token))
+        }
     };
     let open = OpenTunnel {
         app: identity.app.clone(),
@@ -240,6 +272,7 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         target: Target { host: target.host.clone().into_owned(), port: target.port },
         credential,
         upstream: std::sync::OnceLock::new(),
+        tls_check: std::sync::OnceLock::new(),
         revoke: ctx.shared.abort.child_token(),
     };
     let registration = Registration::new(ctx.shared.clone(), open, config.generation);
@@ -352,7 +385,19 @@ async fn run_tunnel(
             shared.log.record(tunnel.finish(Closed::TlsCheck, Transferred::default()));
             return;
         }
+        let passed = matches!(first, FirstRecord::ClientHello(name) if registration.tunnel().target.is_named_by(name));
+        registration.first_bytes(if passed { TlsCheck::Passed } else { TlsCheck::Reported });
         hello = Bytes::from(bytes);
+    } else {
+        registration.first_bytes(TlsCheck::Skipped);
+    }
+    // The last moment before a byte goes upstream: a reload since the decision (or its scan
+    // having revoked the tunnel) is honoured here.
+    if revoke.is_cancelled() || !registration.recheck() {
+        let snapshot = shared.live.load();
+        snapshot.counters.count(tunnel.counted_app.as_deref(), tunnel.record.channel, Verdict::Deny, Reason::Revoked);
+        shared.log.record(tunnel.finish(Closed::Revoked, Transferred::default()));
+        return;
     }
     tunnel.count(&shared);
     shared.metrics.tunnels_active.inc();

@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub proxy_addr: SocketAddr,
     /// Whether the admin listener runs (a reload may not remove its token then).
     pub admin_running: bool,
+    /// Whether a proxy listener runs over TLS (a reload may not remove `[tls]` then).
+    pub tls_running: bool,
     overloaded_response: Vec<u8>,
     lingering: Arc<Semaphore>,
 }
@@ -150,6 +152,7 @@ impl Gateway {
             auth_throttle: AuthThrottle::default(),
             proxy_addr,
             admin_running: admin.is_some(),
+            tls_running: listeners.iter().any(|(_, spec)| spec.tls),
             overloaded_response: response::overloaded_bytes(),
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         });

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::config::Config;
 use crate::identity;
-use crate::policy::{Channel, Target, Verdict};
+use crate::policy::{Action, Channel, Target, Verdict};
 
 /// How a tunnel's client proved who it is, to be checked again under a new policy.
 pub(crate) enum Credential {
@@ -27,8 +27,20 @@ pub(crate) enum Credential {
     Listener,
     /// A verified client certificate chain, end entity first.
     Certificate(Arc<[CertificateDer<'static>]>),
-    /// `Proxy-Authorization: Basic`, with the password presented.
-    Token(Box<str>),
+    /// `Proxy-Authorization: Basic`, with the password presented when the app had a token
+    /// (`None` when it had none: any password was accepted, and none is kept).
+    Token(Option<Box<str>>),
+}
+
+/// What the check of a tunnel's first bytes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsCheck {
+    /// A ClientHello naming the CONNECT host.
+    Passed,
+    /// Not checked: `verify_tls` was off.
+    Skipped,
+    /// Failed, and let through because the app was in `report` mode.
+    Reported,
 }
 
 /// An allowed CONNECT, from its decision until its tunnel closes.
@@ -39,6 +51,8 @@ pub(crate) struct OpenTunnel {
     pub credential: Credential,
     /// The address it is connected to, once dialled.
     pub upstream: OnceLock<SocketAddr>,
+    /// What its first bytes were, once read.
+    pub tls_check: OnceLock<TlsCheck>,
     /// Cancelled to revoke it (a child of the shutdown abort token).
     pub revoke: CancellationToken,
 }
@@ -50,9 +64,18 @@ impl OpenTunnel {
         let identity_holds = match &self.credential {
             Credential::Listener => true,
             Credential::Certificate(chain) => crate::tls::client_chain_verifies(config.tls.as_ref(), chain),
-            Credential::Token(token) => identity::token_accepted(policy, &self.app, token),
+            Credential::Token(token) => identity::token_accepted(policy, &self.app, token.as_deref().unwrap_or("")),
+        };
+        // A tunnel that did not show a ClientHello for its host stays only while nothing
+        // asks for one: `verify_tls` off, or its app in `report` mode.
+        let tls_holds = match self.tls_check.get() {
+            None | Some(TlsCheck::Passed) => true,
+            Some(TlsCheck::Skipped | TlsCheck::Reported) => {
+                !config.verify_tls || policy.effective_app(&self.app).is_some_and(|app| app.action == Action::Report)
+            }
         };
         identity_holds
+            && tls_holds
             && policy.decide(&self.app, self.channel, &self.target).verdict != Verdict::Deny
             && self.upstream.get().is_none_or(|addr| policy.permits_upstream(&self.target, *addr))
     }
@@ -72,8 +95,11 @@ impl Tunnels {
         // Pairs with the fence in `Registration::recheck`: either this scan sees a tunnel's
         // registration (and address), or that tunnel sees the new snapshot.
         fence(Ordering::SeqCst);
+        // Taken out first: deciding (certificate chains are verified again) holds no lock
+        // that registering or closing a tunnel waits for.
+        let tunnels: Vec<Arc<OpenTunnel>> = self.open.iter().map(|entry| entry.value().clone()).collect();
         let mut revoked = 0;
-        for tunnel in self.open.iter() {
+        for tunnel in tunnels {
             if !tunnel.revoke.is_cancelled() && !tunnel.permitted_by(config) {
                 tunnel.revoke.cancel();
                 revoked += 1;
@@ -109,9 +135,14 @@ impl Registration {
         let _ = self.tunnel.upstream.set(addr);
     }
 
+    /// Record what the check of the tunnel's first bytes found.
+    pub fn first_bytes(&self, check: TlsCheck) {
+        let _ = self.tunnel.tls_check.set(check);
+    }
+
     /// Whether the tunnel may go on under the policy in force: true when no reload happened
     /// since its decision, else the whole tunnel is decided again. Call after registering and
-    /// after every step that a reload's scan might have missed (the dial).
+    /// after every step that a reload's scan might have missed (the dial, the first bytes).
     pub fn recheck(&self) -> bool {
         fence(Ordering::SeqCst);
         let live = self.shared.live.load();

@@ -248,12 +248,13 @@ async fn watch(transfer: impl Future<Output = ()>, activity: &Activity, idle: Du
     let mut quiet_checks = 0;
     loop {
         tokio::select! {
-            // Polled in order: the transfer is what wakes the task almost every time.
+            // Polled in order, revocation first: a revoked tunnel must not move one more burst
+            // (one atomic load per wake-up).
             biased;
-            _ = &mut transfer => return Closed::Finished,
             _ = stops.revoke.cancelled() => {
                 return if stops.abort.is_cancelled() { Closed::Shutdown } else { Closed::Revoked };
             }
+            _ = &mut transfer => return Closed::Finished,
             _ = tokio::time::sleep(check) => {
                 let now = activity.total();
                 if now == seen {
