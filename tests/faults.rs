@@ -260,7 +260,7 @@ async fn a_tunnel_let_through_by_report_mode_is_revoked_when_the_app_enforces() 
         assert!(tokio::time::Instant::now() < deadline, "report mode let nothing through");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    std::fs::write(&gw.path, &reporting.replace(r#"action = "report""#, r#"action = "enforce""#)).unwrap();
+    std::fs::write(&gw.path, reporting.replace(r#"action = "report""#, r#"action = "enforce""#)).unwrap();
     assert_eq!(reload(&gw).await.0, 200);
     closed_by_gateway(&mut tunnel).await;
     let closed = gw.log.wait_for(|l| l["closed_by"] == "revoked").await;
