@@ -36,6 +36,8 @@ pub struct Config {
     pub verify_tls: bool,
     /// `[tls]`: the server config of TLS listeners, loaded and checked with the rest.
     pub tls: Option<TlsSettings>,
+    /// `[dns]`: read at start only (the resolver lives as long as the gateway).
+    pub dns: Dns,
     pub policy: Policy,
 }
 
@@ -82,6 +84,13 @@ pub struct TlsSettings {
     pub server: std::sync::Arc<rustls::ServerConfig>,
     /// Whether client certificates are requested (and verified against `client_ca`).
     pub client_auth: bool,
+}
+
+/// The loaded `[dns]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dns {
+    /// Asked over UDP (TCP for long answers); empty: the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// A fixed identity: every connection on the listener is this app on this channel.
