@@ -356,7 +356,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use hickory_resolver::proto::op::{Message, ResponseCode};
-    use hickory_resolver::proto::rr::rdata::A;
+    use hickory_resolver::proto::rr::rdata::{A, SOA};
     use hickory_resolver::proto::rr::{RData, Record, RecordType};
     use tokio::net::UdpSocket;
     use tokio::task::JoinSet;
@@ -417,9 +417,14 @@ mod tests {
                             Duration::ZERO
                         }
                         Behaviour::AnswerAfter(_) | Behaviour::OnlyAlive => {
-                            for query in request.queries.iter().filter(|q| q.query_type() == RecordType::A) {
-                                let record = Record::from_rdata(query.name().clone(), 60, RData::A(A(ANSWER)));
-                                response.add_answer(record);
+                            for query in &request.queries {
+                                if query.query_type() == RecordType::A {
+                                    let record = Record::from_rdata(query.name().clone(), 60, RData::A(A(ANSWER)));
+                                    response.add_answer(record);
+                                } else {
+                                    // No such records: the zone's SOA says how long that holds.
+                                    response.add_authority(soa(query.name()));
+                                }
                             }
                             if let Behaviour::AnswerAfter(delay) = behaviour { delay } else { Duration::ZERO }
                         }
@@ -454,6 +459,12 @@ mod tests {
         }
     }
 
+    fn soa(name: &Name) -> Record {
+        let zone = name.base_name();
+        let soa = SOA::new(zone.clone(), zone.clone(), 1, 3600, 600, 86_400, 60);
+        Record::from_rdata(zone, 60, RData::SOA(soa))
+    }
+
     fn resolver(stub: &StubDns) -> Arc<Resolver> {
         Arc::new(Resolver::new(&Dns { nameservers: vec![stub.addr] }).unwrap())
     }
@@ -479,6 +490,8 @@ mod tests {
         let expected = [("merge.test.".to_owned(), RecordType::A), ("merge.test.".to_owned(), RecordType::AAAA)];
         assert_eq!(queries, expected, "one A and one AAAA query for 50 lookups");
         assert!(resolver.state().in_flight.is_empty());
+        assert_eq!(*resolver.lookup("merge.test", in_ms(5_000)).await.unwrap(), [IpAddr::from(ANSWER)]);
+        assert_eq!(stub.queries().len(), 2, "then answered from the cache, within the answers' TTLs");
     }
 
     /// Merging is what keeps the bound on lookups in flight a bound on names: a crowd asking
