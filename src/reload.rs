@@ -70,6 +70,9 @@ fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> 
     if running.limits.max_connections != loaded.limits.max_connections {
         changed.push("max_connections");
     }
+    if running.dns != loaded.dns {
+        changed.push("dns");
+    }
     changed
 }
 

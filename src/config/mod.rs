@@ -38,6 +38,8 @@ pub struct Config {
     pub verify_tls: bool,
     /// `[tls]`: the server config of TLS listeners, loaded and checked with the rest.
     pub tls: Option<TlsSettings>,
+    /// `[dns]`: read at start only (the resolver lives as long as the gateway).
+    pub dns: Dns,
     pub policy: Policy,
 }
 
@@ -94,6 +96,13 @@ pub struct TlsSettings {
     /// The verifier of client certificates against `client_ca`, when set. Kept beside the
     /// server config so that a reload can check the certificates of open connections again.
     pub client_verifier: Option<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+/// The loaded `[dns]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dns {
+    /// Asked over UDP (TCP for long answers); empty: the system's resolv.conf.
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// A fixed identity: every connection on the listener is this app on this channel.

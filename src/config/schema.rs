@@ -26,6 +26,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub resolve: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
+    pub dns: RawDns,
+    #[serde(default)]
     pub listener: Vec<RawListener>,
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default)]
@@ -70,6 +72,12 @@ pub struct RawPolicy {
     pub global_deny: Option<SpannedList<RawEntry>>,
     pub global_allow: Option<SpannedList<RawEntry>>,
     pub apps_dir: Option<Spanned<String>>,
+}
+
+/// `[dns]`: name servers to ask instead of the system's.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawDns {
+    pub nameservers: Option<SpannedList<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use super::schema::{HumanDuration, RawApp, RawAppsFile, RawConfig, RawEntry, RawTls, SpannedList};
-use super::{Binding, Config, ConfigError, ConfigErrors, Limits, ListenerSpec, Server, TlsSettings};
+use super::{Binding, Config, ConfigError, ConfigErrors, Dns, Limits, ListenerSpec, Server, TlsSettings};
 use crate::policy::{
     self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
 };
@@ -367,6 +367,7 @@ impl Validator {
         let global_allow = self.domain_list(main, p.global_allow.as_ref(), "global_allow", MAX_GLOBAL_ENTRIES);
 
         let resolve = self.resolve(main, &raw);
+        let dns = self.dns(main, &raw);
         let mut apps: Vec<(usize, Arc<App>, Range<usize>)> = Vec::with_capacity(inputs.len());
         let mut seen: HashMap<String, Origin> = HashMap::with_capacity(inputs.len());
         for input in inputs {
@@ -458,6 +459,7 @@ impl Validator {
             require_https,
             verify_tls,
             tls,
+            dns,
             policy: Policy::new(apps.iter().map(|(_, app, _)| app.clone()), rules),
         };
         (config, apps)
@@ -731,6 +733,33 @@ impl Validator {
         resolve
     }
 
+    fn dns(&mut self, main: usize, raw: &RawConfig) -> Dns {
+        let Some(list) = &raw.dns.nameservers else {
+            return Dns::default();
+        };
+        if list.get_ref().is_empty() {
+            self.error(main, list.span(), "nameservers must name at least one server (remove it for the system's)");
+        }
+        let mut nameservers = Vec::with_capacity(list.get_ref().len());
+        for server in list.get_ref() {
+            match server.get_ref().parse::<SocketAddr>() {
+                Ok(addr) if addr.port() == 0 => {
+                    self.error(main, server.span(), "a name server's port must be from 1 to 65535");
+                }
+                Ok(addr) => nameservers.push(addr),
+                Err(_) => self.error(
+                    main,
+                    server.span(),
+                    format!(
+                        "nameservers must be IP:PORT (e.g. \"10.0.0.53:53\" or \"[::1]:53\"), not {:?}",
+                        server.get_ref()
+                    ),
+                ),
+            }
+        }
+        Dns { nameservers }
+    }
+
     fn resolve_key(&self, key: &str) -> Option<(String, Option<u16>)> {
         let (host, port) = match key.rsplit_once(':') {
             Some((host, port)) => (host, Some(policy::target::parse_port(port).ok()?)),
@@ -919,6 +948,28 @@ id = "demo"
         assert_eq!(config.policy.resolve_override("img.shop.example", 443), None);
         assert_eq!(errors("[resolve]\n\"10.0.0.1\" = \"127.0.0.1\"\n").len(), 1);
         assert_eq!(errors("[resolve]\n\"a.example\" = \"nowhere\"\n").len(), 1);
+    }
+
+    #[test]
+    fn dns_nameservers_are_ip_and_port() {
+        let text = "[dns]\nnameservers = [\"127.0.0.1:5353\", \"[::1]:53\"]\n";
+        let config = load_text(Path::new("gw.toml"), text.to_owned(), &mut AppsCache::default()).unwrap();
+        assert_eq!(config.dns.nameservers, ["127.0.0.1:5353".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+        let config = load_text(Path::new("gw.toml"), String::new(), &mut AppsCache::default()).unwrap();
+        assert!(config.dns.nameservers.is_empty(), "no [dns]: the system's name servers");
+        assert_eq!(
+            errors("[dns]\nnameservers = [\"127.0.0.1\", \"ns.example:53\", \"10.0.0.53:0\"]\n"),
+            [
+                r#"gw.toml:2:16: nameservers must be IP:PORT (e.g. "10.0.0.53:53" or "[::1]:53"), not "127.0.0.1""#,
+                r#"gw.toml:2:29: nameservers must be IP:PORT (e.g. "10.0.0.53:53" or "[::1]:53"), not "ns.example:53""#,
+                "gw.toml:2:46: a name server's port must be from 1 to 65535",
+            ]
+        );
+        assert_eq!(
+            errors("[dns]\nnameservers = []\n"),
+            ["gw.toml:2:15: nameservers must name at least one server (remove it for the system's)"]
+        );
+        assert!(errors("[dns]\nservers = []\n")[0].starts_with("gw.toml:2:1: unknown field `servers`"));
     }
 
     #[test]

@@ -137,11 +137,13 @@ impl Gateway {
         metrics.register(Box::new(log.dropped_counter()));
         metrics.connections_max.set(config.limits.max_connections as i64);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let resolver = Resolver::new(&config.dns)
+            .map_err(|e| io::Error::other(format!("cannot set up DNS ([dns] or /etc/resolv.conf): {e}")))?;
         let snapshot = Snapshot::new(config, &metrics);
         crate::reload::publish(&metrics, &snapshot);
         let shared = Arc::new(Shared {
             live: Arc::new(ArcSwap::from_pointee(snapshot)),
-            resolver: Resolver::default(),
+            resolver,
             log,
             metrics,
             unready: CancellationToken::new(),
