@@ -60,6 +60,8 @@ impl DialError {
         match self {
             DialError::PrivateAddress(_) => Reason::PrivateAddress,
             DialError::Dns(_) => Reason::DnsFailure,
+            // Out of descriptors for the upstream socket: the gateway's limit, not the upstream's.
+            DialError::Unreachable(e) if matches!(e.raw_os_error(), Some(24 | 23)) => Reason::Overloaded,
             DialError::Unreachable(_) => Reason::UpstreamUnreachable,
             DialError::Timeout => Reason::UpstreamTimeout,
         }
@@ -100,12 +102,18 @@ impl Resolver {
     /// Ask `dns.nameservers`, or the system's name servers (resolv.conf) when none are set;
     /// the hosts file first either way.
     pub fn new(dns: &Dns) -> Result<Resolver, NetError> {
-        let mut builder = if dns.nameservers.is_empty() {
-            TokioResolver::builder_tokio()?
-        } else {
-            let servers = dns.nameservers.iter().map(|addr| name_server(*addr)).collect();
-            let config = ResolverConfig::from_name_servers(servers);
+        let with_servers = |servers: &[SocketAddr]| {
+            let config = ResolverConfig::from_name_servers(servers.iter().map(|addr| name_server(*addr)).collect());
             TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        };
+        let mut builder = if dns.nameservers.is_empty() {
+            TokioResolver::builder_tokio().unwrap_or_else(|e| {
+                // What the C library does without a usable resolv.conf: ask the local host.
+                tracing::warn!(error = %e, "no usable /etc/resolv.conf; asking a name server on 127.0.0.1:53");
+                with_servers(&[SocketAddr::from(([127, 0, 0, 1], 53))])
+            })
+        } else {
+            with_servers(&dns.nameservers)
         };
         tune(builder.options_mut());
         Ok(Resolver::around(builder.build()?))
