@@ -2,7 +2,9 @@
 //!
 //! It is a separate listener so that operators can firewall it apart from the proxy port.
 //! `/metrics`, `/healthz` and `/readyz` are always open (scrapers and probes carry no
-//! secrets); with `admin_token` set, every other path needs `Authorization: Bearer <token>`.
+//! secrets); with `admin_token` or `[[admin_user]]`s set, every other path needs
+//! `Authorization: Bearer <token>` of a user whose role allows it (viewer: read and check;
+//! editor: and change apps; admin: and reload).
 //! It keeps answering while the proxy drains on shutdown, so `/readyz` can say 503.
 //!
 //! It is bounded like the proxy: at most [`MAX_CONNECTIONS`] connections (more are closed at
@@ -35,6 +37,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{AdminUser, Role, token_sha256};
 use crate::policy::{App, Channel, DomainList, Host, Verdict, parse_authority, parse_host};
 use crate::proxy::Shared;
 use crate::reload::{Reloader, Trigger};
@@ -128,26 +131,24 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     if let Err(refusal) = browser_guard(&req, &snapshot.config.server.admin_hosts) {
         return refusal;
     }
-    if let Some(token) = snapshot.config.server.admin_token.as_deref() {
-        if let Err(wait) = caller.throttle.check(caller.client.ip(), "") {
-            let mut response =
-                error(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications from this address; wait");
-            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
-            return response;
-        }
-        if !bearer_matches(&req, token) {
-            // A request without credentials is not a guess (and is what a browser sends first).
-            if req.headers().contains_key(AUTHORIZATION) {
-                caller.throttle.failed(caller.client.ip(), "");
-                shared.metrics.auth_failures_admin.inc();
-            }
-            let mut response =
-                error(StatusCode::UNAUTHORIZED, "this admin path needs Authorization: Bearer <admin_token>");
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"miniapp-gateway\""));
-            return response;
-        }
+    let user = match authenticate(&req, &snapshot.config.server.admin_users, caller, shared) {
+        Ok(user) => user,
+        Err(refusal) => return refusal,
+    };
+    let needed = match (&method, path.as_str()) {
+        (&Method::POST, "/-/reload") => Role::Admin,
+        _ => Role::Viewer,
+    };
+    if let Some(user) = user
+        && user.role < needed
+    {
+        let message = format!(
+            "user {} ({}) may not do this: it needs the {} role",
+            user.name,
+            user.role.as_str(),
+            needed.as_str()
+        );
+        return error(StatusCode::FORBIDDEN, &message);
     }
     let policy = &snapshot.config.policy;
     match (&method, path.as_str()) {
@@ -184,10 +185,41 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     }
 }
 
-fn bearer_matches(req: &Request<Incoming>, token: &str) -> bool {
-    let Some(value) = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
-    let Some((scheme, presented)) = value.trim().split_once(' ') else { return false };
-    scheme.eq_ignore_ascii_case("bearer") && bool::from(presented.trim().as_bytes().ct_eq(token.as_bytes()))
+/// The admin user a request is from, by its bearer token; `Ok(None)` when no user is
+/// configured (the admin API is then open to whoever reaches it). Wrong tokens are counted and
+/// rate-limited per address like the proxy's; a request without any is not a guess (it is
+/// what a browser sends first) and is only told to authenticate.
+#[allow(clippy::result_large_err)]
+fn authenticate<'u>(
+    req: &Request<Incoming>,
+    users: &'u [AdminUser],
+    caller: &Caller,
+    shared: &Shared,
+) -> Result<Option<&'u AdminUser>, Response<Body>> {
+    if users.is_empty() {
+        return Ok(None);
+    }
+    if let Err(wait) = caller.throttle.check(caller.client.ip(), "") {
+        let mut response =
+            error(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications from this address; wait");
+        response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
+        return Err(response);
+    }
+    let presented = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|value| {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    let hash = presented.map(token_sha256);
+    if let Some(user) = hash.and_then(|hash| users.iter().find(|user| bool::from(user.token_sha256.ct_eq(&hash)))) {
+        return Ok(Some(user));
+    }
+    if req.headers().contains_key(AUTHORIZATION) {
+        caller.throttle.failed(caller.client.ip(), "");
+        shared.metrics.auth_failures_admin.inc();
+    }
+    let mut response = error(StatusCode::UNAUTHORIZED, "this admin path needs Authorization: Bearer <token>");
+    response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"miniapp-gateway\""));
+    Err(response)
 }
 
 /// The host of a `Host` header (`name`, `name:port`, `1.2.3.4:port`, `[::1]:port`), parsed

@@ -82,6 +82,17 @@ enum Command {
         #[arg(long = "wildcard", value_name = "DOMAIN")]
         wildcards: Vec<String>,
     },
+    /// Make a new admin API token, and the [[admin_user]] entry that admits it (only the
+    /// token's SHA-256 goes in the config).
+    Token {
+        /// The user's name, shown in logs and history.
+        #[arg(long, default_value = "NAME")]
+        name: String,
+        /// What the user may do: viewer (read, check), editor (and change apps), admin (and
+        /// reload, roll back).
+        #[arg(long, default_value = "viewer", value_parser = ["viewer", "editor", "admin"])]
+        role: String,
+    },
     /// Write a development CA, a gateway certificate and client certificates into DIR (PEM).
     Certs {
         /// Where to write ca.crt/.key, gateway.crt/.key and APP[-webview].crt/.key.
@@ -158,6 +169,20 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config.config),
         Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
         Command::Learn { access_log, wildcards } => learn(&access_log, &wildcards),
+        Command::Token { name, role } => match new_token() {
+            Ok(token) => {
+                let hash = hex(&config::token_sha256(&token));
+                println!("# the bearer token of {name} (Authorization: Bearer <token>); only its hash is kept:");
+                println!("{token}");
+                println!("# add to the config:");
+                println!("[[admin_user]]\nname = {name:?}\ntoken_sha256 = \"{hash}\"\nrole = \"{role}\"");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("miniapp-gateway: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Certs { dir, apps, hosts, force } => match tls::write_dev_certs(&dir, &hosts, &apps, force) {
             Ok(written) => {
                 for file in written.files {
@@ -296,4 +321,16 @@ fn check_descriptor_limit(max_connections: usize) {
              connections are answered 503 overloaded; raise the limit (LimitNOFILE=, ulimit -n)"
         );
     }
+}
+
+/// 32 random bytes from the operating system, as 64 hex digits.
+fn new_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system's random number generator failed"))?;
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

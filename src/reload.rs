@@ -80,10 +80,11 @@ fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> 
 /// the admin token and the `[tls]` files, but not remove them.
 fn removals(running: &Config, loaded: &Config, shared: &Shared) -> Vec<String> {
     let mut problems = Vec::new();
-    if shared.admin_running && running.server.admin_token.is_some() && loaded.server.admin_token.is_none() {
+    let users = |config: &Config| !config.server.admin_users.is_empty();
+    if shared.admin_running && users(running) && !users(loaded) {
         problems.push(
-            "refusing to remove admin_token while the admin listener runs: that would open it to anyone; \
-             restart to turn admin authentication off"
+            "refusing to remove admin_token (and every [[admin_user]]) while the admin listener runs: that would \
+             open it to anyone; restart to turn admin authentication off"
                 .to_owned(),
         );
     }

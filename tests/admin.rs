@@ -345,3 +345,49 @@ async fn a_plain_http_refusal_names_the_app_that_asked() {
     let series = r#"gateway_requests_total{app="demo",channel="request",decision="deny",reason="https_required"}"#;
     assert_eq!(gw.metric(series).await, 1.0);
 }
+
+#[tokio::test]
+async fn admin_users_are_known_by_their_tokens_hash_and_held_to_their_roles() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    // what `miniapp-gateway token` puts in the config: the SHA-256 of each token
+    let hash = |token: &str| -> String {
+        miniapp_gateway::config::token_sha256(token).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let text = format!(
+        "{}\n[[admin_user]]\nname = \"vera\"\ntoken_sha256 = \"{}\"\nrole = \"viewer\"\n\n\
+         [[admin_user]]\nname = \"ed\"\ntoken_sha256 = \"{}\"\nrole = \"editor\"\n",
+        config(origin.addr, "admin_token = \"root-token\""),
+        hash("viewer-token"),
+        hash("editor-token")
+    );
+    let gw = TestGateway::start(&text).await;
+    let admin = gw.admin();
+    for token in ["viewer-token", "editor-token", "root-token"] {
+        let (status, _) = admin_json(admin, "GET", "/v1/apps", None, Some(token)).await;
+        assert_eq!(status, 200, "{token} may read");
+    }
+    let (status, body) = admin_json(admin, "POST", "/-/reload", None, Some("viewer-token")).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"], "user vera (viewer) may not do this: it needs the admin role");
+    assert_eq!(admin_json(admin, "POST", "/-/reload", None, Some("editor-token")).await.0, 403);
+    assert_eq!(admin_json(admin, "POST", "/-/reload", None, Some("root-token")).await.0, 200);
+    assert_eq!(admin_json(admin, "GET", "/v1/apps", None, Some("nobody")).await.0, 401);
+    assert_eq!(admin_json(admin, "GET", "/v1/apps", None, None).await.0, 401);
+}
+
+#[test]
+fn the_token_command_prints_a_token_and_the_entry_that_admits_it() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_miniapp-gateway"))
+        .args(["token", "--name", "alice", "--role", "editor"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text.lines().nth(1).unwrap();
+    assert_eq!(token.len(), 64, "{text}");
+    let entry = &text[text.find("[[admin_user]]").unwrap()..];
+    let config = miniapp_gateway::config::load_str(std::path::Path::new("t.toml"), entry.to_owned()).unwrap();
+    let user = &config.server.admin_users[0];
+    assert_eq!((user.name.as_str(), user.role), ("alice", miniapp_gateway::config::Role::Editor));
+    assert_eq!(user.token_sha256, miniapp_gateway::config::token_sha256(token));
+}

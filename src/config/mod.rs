@@ -53,6 +53,56 @@ pub struct Server {
     /// Names (besides IP literals and `localhost`) that browsers may use to reach the admin
     /// listener: any other `Host` is refused, which defeats DNS rebinding.
     pub admin_hosts: Vec<String>,
+    /// Who may use the admin API: every `[[admin_user]]`, and `admin_token` as the user
+    /// `admin` with the role `admin`. Empty: the admin API is open (to those who can reach it).
+    pub admin_users: Vec<AdminUser>,
+}
+
+/// What an admin user may do; each role may do everything the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Read apps and history, check URLs and APIs.
+    Viewer,
+    /// And change apps.
+    Editor,
+    /// And reload, and roll back.
+    Admin,
+}
+
+impl Role {
+    pub fn parse(raw: &str) -> Option<Role> {
+        match raw {
+            "viewer" => Some(Role::Viewer),
+            "editor" => Some(Role::Editor),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// A user of the admin API, known by the SHA-256 of its bearer token (the token itself is
+/// never in the config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminUser {
+    pub name: String,
+    pub token_sha256: [u8; 32],
+    pub role: Role,
+}
+
+/// The SHA-256 of a bearer token, as `[[admin_user]].token_sha256` holds it.
+pub fn token_sha256(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -32,6 +32,16 @@ pub struct RawConfig {
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     pub app: Vec<RawApp>,
+    #[serde(default)]
+    pub admin_user: Vec<RawAdminUser>,
+}
+
+/// `[[admin_user]]`: a named user of the admin API.
+#[derive(Debug, Deserialize)]
+pub struct RawAdminUser {
+    pub name: Spanned<String>,
+    pub token_sha256: Spanned<String>,
+    pub role: Spanned<String>,
 }
 
 /// A file in `apps_dir`: nothing but `[[app]]` tables.

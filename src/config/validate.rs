@@ -12,7 +12,9 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use super::schema::{HumanDuration, RawApp, RawAppsFile, RawConfig, RawEntry, RawTls, SpannedList};
-use super::{Binding, Config, ConfigError, ConfigErrors, Dns, Limits, ListenerSpec, Server, TlsSettings};
+use super::{
+    AdminUser, Binding, Config, ConfigError, ConfigErrors, Dns, Limits, ListenerSpec, Role, Server, TlsSettings,
+};
 use crate::policy::{
     self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
 };
@@ -144,6 +146,18 @@ fn unknown_key_place(document: &toml::de::DeTable<'_>, path: &str) -> (Range<usi
     let key_span =
         table.and_then(|t| t.iter().find(|(k, _)| k.get_ref().as_ref() == *key).map(|(k, _)| k.span())).unwrap_or(span);
     (key_span, (*key).to_owned(), shown)
+}
+
+/// 64 hex digits as 32 bytes.
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(hash)
 }
 
 fn resolve_relative(config: &Path, relative: &str) -> PathBuf {
@@ -539,7 +553,48 @@ impl Validator {
                 ),
             }
         }
-        Server { listen, admin_listen, admin_token, admin_hosts }
+        let admin_users = self.admin_users(main, raw, admin_token.as_deref());
+        Server { listen, admin_listen, admin_token, admin_hosts, admin_users }
+    }
+
+    /// `[[admin_user]]` tables, and `admin_token` as the user `admin`.
+    fn admin_users(&mut self, main: usize, raw: &RawConfig, admin_token: Option<&str>) -> Vec<AdminUser> {
+        let mut users: Vec<AdminUser> = Vec::with_capacity(raw.admin_user.len() + 1);
+        if let Some(token) = admin_token {
+            let hash = super::token_sha256(token);
+            users.push(AdminUser { name: "admin".to_owned(), token_sha256: hash, role: Role::Admin });
+        }
+        for user in &raw.admin_user {
+            let name = user.name.get_ref();
+            if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                self.error(main, user.name.span(), "an admin user's name is 1 to 64 characters, without spaces");
+            } else if users.iter().any(|u| &u.name == name) {
+                let message = if name == "admin" && admin_token.is_some() {
+                    "admin user \"admin\" is already admin_token's user; name this one otherwise".to_owned()
+                } else {
+                    format!("duplicate admin user {name:?}")
+                };
+                self.error(main, user.name.span(), message);
+            }
+            let role = Role::parse(user.role.get_ref()).unwrap_or_else(|| {
+                self.error(main, user.role.span(), "role must be viewer, editor or admin");
+                Role::Viewer
+            });
+            let Some(hash) = parse_sha256(user.token_sha256.get_ref()) else {
+                self.error(
+                    main,
+                    user.token_sha256.span(),
+                    "token_sha256 must be 64 hex digits: the SHA-256 of the token (`miniapp-gateway token` makes both)",
+                );
+                continue;
+            };
+            if users.iter().any(|u| u.token_sha256 == hash) {
+                self.error(main, user.token_sha256.span(), "two admin users have the same token");
+                continue;
+            }
+            users.push(AdminUser { name: name.clone(), token_sha256: hash, role });
+        }
+        users
     }
 
     fn socket_addr(&mut self, source: usize, raw: &Spanned<String>, key: &str) -> SocketAddr {
@@ -927,6 +982,33 @@ id = "demo"
         let text = super::super::read_settled(&path).unwrap();
         writer.join().unwrap();
         assert_eq!(text, format!("[server]\n{}", "# more\n".repeat(8)), "read before the writer finished");
+    }
+
+    #[test]
+    fn admin_users_are_checked() {
+        let hash = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"; // "password"
+        let text = format!(
+            "[server]\nadmin_token = \"t\"\n\n[[admin_user]]\nname = \"alice\"\ntoken_sha256 = \"{hash}\"\nrole = \"editor\"\n\n\
+             [[admin_user]]\nname = \"admin\"\ntoken_sha256 = \"{hash}\"\nrole = \"root\"\n\n\
+             [[admin_user]]\nname = \"bob\"\ntoken_sha256 = \"abc\"\nrole = \"viewer\"\n"
+        );
+        assert_eq!(
+            errors(&text),
+            [
+                r#"gw.toml:10:8: admin user "admin" is already admin_token's user; name this one otherwise"#,
+                "gw.toml:11:16: two admin users have the same token",
+                "gw.toml:12:8: role must be viewer, editor or admin",
+                "gw.toml:16:16: token_sha256 must be 64 hex digits: the SHA-256 of the token (`miniapp-gateway token` makes both)",
+            ]
+        );
+        let text = format!(
+            "[[admin_user]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\nrole = \"editor\"\n",
+            hash.to_uppercase()
+        );
+        let config = load_text(Path::new("gw.toml"), text, &mut AppsCache::default()).unwrap();
+        let alice = &config.server.admin_users[0];
+        assert_eq!((alice.name.as_str(), alice.role), ("alice", Role::Editor));
+        assert_eq!(alice.token_sha256, super::super::token_sha256("password"));
     }
 
     #[test]
