@@ -101,16 +101,6 @@ async fn after_a_hello_retry_request_the_second_client_hello_passes() {
     assert_eq!((line["decision"].as_str(), line["reason"].as_str()), (Some("allow"), Some("whitelisted")));
 }
 
-/// The first flight rustls' client writes for `name`: one record holding a ClientHello.
-fn client_hello(name: &str) -> Vec<u8> {
-    let config =
-        client_config(&rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap().cert.der().clone(), None);
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name.to_owned().try_into().unwrap()).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
-}
-
 /// `hello` (one record, as rustls writes it) with one more extension at the end, the
 /// extension block, handshake and record lengths fixed; records of at most 16 KiB.
 fn with_extension(hello: &[u8], kind: u16, data: &[u8]) -> Vec<u8> {
@@ -155,17 +145,6 @@ async fn origin_receives(origin: &Origin, bytes: usize) {
     while origin.bytes_received.load(Ordering::SeqCst) < bytes {
         assert!(tokio::time::Instant::now() < deadline, "the ClientHello did not reach the origin");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
-/// Wait until the gateway closes the tunnel; panics if it stays open.
-async fn closed_by_gateway<S: AsyncRead + Unpin>(stream: &mut S) {
-    let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("the tunnel stayed open") {
-            Ok(0) | Err(_) => return,
-            Ok(_) => continue,
-        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const TOKEN: &str = "admin-secret";
 
@@ -44,17 +44,6 @@ server_domains = [{server_domains}]
 
 async fn reload(gw: &TestGateway) -> (u16, serde_json::Value) {
     admin_json(gw.admin(), "POST", "/-/reload", None, Some(TOKEN)).await
-}
-
-/// Wait until the gateway closes `stream`; panics if it stays open.
-async fn closed_by_gateway<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) {
-    let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("the tunnel stayed open") {
-            Ok(0) | Err(_) => return,
-            Ok(_) => continue,
-        }
-    }
 }
 
 // ---- reloads that must never apply an accident ----
@@ -148,23 +137,6 @@ async fn a_change_no_event_reported_is_found_by_the_periodic_check() {
 
 // ---- tunnels a reload must reach ----
 
-/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
-/// hangs until the caller gives up.
-async fn blackhole() -> (std::net::SocketAddr, Vec<TcpStream>, tokio::net::TcpListener) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => fillers.push(stream),
-            _ => break,
-        }
-    }
-    (addr, fillers, listener)
-}
-
 #[tokio::test]
 async fn a_reload_during_the_dial_refuses_the_connect() {
     let origin = Origin::start(&["api.shop.example"]).await;
@@ -254,7 +226,7 @@ async fn a_tunnel_let_through_by_report_mode_is_revoked_when_the_app_enforces() 
     let answer = connect_as(gw.addr(), "demo", "one", "api.shop.example:443").await;
     let mut tunnel = answer.stream;
     // TLS for another name: report mode records sni_mismatch and lets it through
-    tunnel.write_all(&rustls_client_hello("img.shop.example")).await.unwrap();
+    tunnel.write_all(&client_hello("img.shop.example")).await.unwrap();
     let deadline = tokio::time::Instant::now() + WAIT;
     while origin.bytes_received.load(Ordering::SeqCst) == 0 {
         assert!(tokio::time::Instant::now() < deadline, "report mode let nothing through");
@@ -288,7 +260,7 @@ async fn turning_on_the_private_block_revokes_tunnels_to_private_addresses() {
 async fn connect_and_client_hello_in_one_write_pass() {
     let origin = Origin::start(&["api.shop.example"]).await;
     let gw = TestGateway::start(&config(origin.addr, r#""api.shop.example""#, "one", "")).await;
-    let hello = rustls_client_hello("api.shop.example");
+    let hello = client_hello("api.shop.example");
     let mut request = format!(
         "CONNECT api.shop.example:443 HTTP/1.1\r\nHost: api.shop.example:443\r\nProxy-Authorization: {}\r\n\r\n",
         basic("demo", "one")
@@ -304,21 +276,6 @@ async fn connect_and_client_hello_in_one_write_pass() {
         assert!(tokio::time::Instant::now() < deadline, "the ClientHello did not reach the origin");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-/// The ClientHello a rustls client sends for `name`.
-fn rustls_client_hello(name: &str) -> Vec<u8> {
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-    let mut conn =
-        rustls::ClientConnection::new(std::sync::Arc::new(config), name.to_owned().try_into().unwrap()).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Names the origin answers for; `[resolve]` sends each of them to it.
 const ORIGIN_NAMES: &[&str] = &[
@@ -262,23 +262,6 @@ async fn a_name_that_does_not_resolve_is_a_dns_failure() {
     let (_origin, gw) = setup().await;
     let answer = connect_as(gw.addr(), "free", "x", "no-such-host.invalid:443").await;
     assert_eq!((answer.status, answer.reason()), (502, "dns_failure"));
-}
-
-/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
-/// hangs until the caller gives up.
-async fn blackhole() -> (std::net::SocketAddr, Vec<TcpStream>, tokio::net::TcpListener) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => fillers.push(stream),
-            _ => break,
-        }
-    }
-    (addr, fillers, listener)
 }
 
 #[tokio::test]

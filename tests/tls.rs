@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 fn config(origin: std::net::SocketAddr, policy: &str) -> String {
     format!(
@@ -41,17 +41,6 @@ async fn setup(policy: &str) -> (Origin, TestGateway) {
     let origin = Origin::start(&["api.shop.example", "img.shop.example"]).await;
     let gw = TestGateway::start(&config(origin.addr, policy)).await;
     (origin, gw)
-}
-
-/// Wait until the gateway closes the tunnel; panics if it stays open.
-async fn closed_by_gateway<S: AsyncRead + Unpin>(stream: &mut S) {
-    let mut buf = [0u8; 256];
-    loop {
-        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("the tunnel stayed open") {
-            Ok(0) | Err(_) => return,
-            Ok(_) => continue,
-        }
-    }
 }
 
 #[tokio::test]

@@ -504,3 +504,44 @@ pub async fn https_request<S: AsyncRead + AsyncWrite + Unpin>(
     }
     rest
 }
+
+/// Wait until the gateway closes `stream`; panics if it stays open.
+pub async fn closed_by_gateway<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("the tunnel stayed open") {
+            Ok(0) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect to it
+/// hangs until the caller gives up. Keep the fillers and the listener alive meanwhile.
+pub async fn blackhole() -> (SocketAddr, Vec<TcpStream>, TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => fillers.push(stream),
+            _ => break,
+        }
+    }
+    (addr, fillers, listener)
+}
+
+/// The first flight rustls' client writes for `name`: one record holding a ClientHello.
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name.to_owned().try_into().unwrap()).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
