@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod store;
 pub mod throttle;
 pub mod tls;

@@ -233,6 +233,12 @@ impl Loader {
     pub fn load(&mut self) -> Result<Config, ConfigErrors> {
         validate::load(&self.path, &mut self.cache)
     }
+
+    /// Validate the config as it would be with the `apps_dir` file `file` holding `text` (or
+    /// removed, for `None`), changing nothing: a write checked before it is made.
+    pub fn load_candidate(&self, file: &Path, text: Option<&str>) -> Result<Config, ConfigErrors> {
+        validate::load_candidate(&self.path, &mut self.cache.clone(), file, text)
+    }
 }
 
 /// A file whose modification time is at least this old is taken as written whole.

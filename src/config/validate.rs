@@ -34,6 +34,22 @@ const MAX_GLOBAL_ENTRIES: usize = 10_000;
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_DOMAINS: usize = 30;
 
+/// Load as [`load`] would, but with the `apps_dir` file `file` holding `text` (or, for
+/// `None`, absent): what the config would be after a write, checked before it is made.
+pub(super) fn load_candidate(
+    path: &Path,
+    cache: &mut AppsCache,
+    file: &Path,
+    text: Option<&str>,
+) -> Result<Config, ConfigErrors> {
+    let main = match super::read_settled(path) {
+        Ok(main) => main,
+        Err(e) => return Err(ConfigErrors(vec![file_error(path, format!("cannot read the config file: {e}"))])),
+    };
+    let v = Validator { candidate: Some((file.to_path_buf(), text.map(str::to_owned))), ..Validator::default() };
+    v.load(path, main, cache)
+}
+
 pub(super) fn load(path: &Path, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
     match super::read_settled(path) {
         Ok(text) if text.trim().is_empty() => Err(ConfigErrors(vec![file_error(
@@ -46,21 +62,26 @@ pub(super) fn load(path: &Path, cache: &mut AppsCache) -> Result<Config, ConfigE
 }
 
 pub(super) fn load_text(path: &Path, text: String, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
-    let mut v = Validator::default();
-    let main = v.add_source(path.to_path_buf(), text);
-    let Some(mut raw) = v.parse::<RawConfig>(main) else {
-        return Err(v.into_errors());
-    };
-    let settings = v.app_settings(main, &raw);
-    let mut apps: Vec<AppInput> =
-        std::mem::take(&mut raw.app).into_iter().map(|app| AppInput::raw(main, app)).collect();
-    let apps_dir = raw.policy.apps_dir.as_ref().map(|dir| resolve_relative(path, dir.get_ref()));
-    if let (Some(dir), Some(spanned)) = (&apps_dir, &raw.policy.apps_dir) {
-        v.read_apps_dir(main, spanned.span(), dir, settings, cache, &mut apps);
+    Validator::default().load(path, text, cache)
+}
+
+impl Validator {
+    fn load(mut self, path: &Path, text: String, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
+        let main = self.add_source(path.to_path_buf(), text);
+        let Some(mut raw) = self.parse::<RawConfig>(main) else {
+            return Err(self.into_errors());
+        };
+        let settings = self.app_settings(main, &raw);
+        let mut apps: Vec<AppInput> =
+            std::mem::take(&mut raw.app).into_iter().map(|app| AppInput::raw(main, app)).collect();
+        let apps_dir = raw.policy.apps_dir.as_ref().map(|dir| resolve_relative(path, dir.get_ref()));
+        if let (Some(dir), Some(spanned)) = (&apps_dir, &raw.policy.apps_dir) {
+            self.read_apps_dir(main, spanned.span(), dir, settings, cache, &mut apps);
+        }
+        let (config, fresh) = self.config(main, raw, apps, apps_dir, settings);
+        self.update_cache(main, settings, cache, fresh);
+        if self.errors.is_empty() { Ok(config) } else { Err(self.into_errors()) }
     }
-    let (config, fresh) = v.config(main, raw, apps, apps_dir, settings);
-    v.update_cache(main, settings, cache, fresh);
-    if v.errors.is_empty() { Ok(config) } else { Err(v.into_errors()) }
 }
 
 /// What every app's validation depends on besides its own table: a cached app is reused
@@ -75,12 +96,12 @@ struct AppSettings {
 /// Apps validated from `apps_dir` files, kept between loads so that a reload parses and
 /// validates only the files whose content changed. Files are compared by a hash of their
 /// text, so editors' renames, Kubernetes' symlink swaps and clock skew make no difference.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct AppsCache {
     files: HashMap<PathBuf, CachedFile>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CachedFile {
     fingerprint: u64,
     settings: AppSettings,
@@ -189,6 +210,9 @@ struct Validator {
     sources: Vec<Source>,
     /// Files read besides the config and `apps_dir` files: `[tls]` and `admin_token_file`.
     other_files: Vec<PathBuf>,
+    /// An `apps_dir` file taken as holding this text (or as absent) instead of what is on
+    /// disk: a write being checked.
+    candidate: Option<(PathBuf, Option<String>)>,
     /// (source, byte offset, message)
     errors: Vec<(usize, usize, String)>,
 }
@@ -292,9 +316,21 @@ impl Validator {
             .map(|entry| entry.path())
             .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
             .collect();
+        if let Some((candidate, text)) = &self.candidate {
+            files.retain(|file| file != candidate);
+            if text.is_some() {
+                files.push(candidate.clone());
+            }
+        }
         files.sort();
         for file in files {
-            match super::read_settled(&file) {
+            let candidate =
+                self.candidate.as_ref().filter(|(path, _)| *path == file).and_then(|(_, text)| text.clone());
+            let read = match candidate {
+                Some(text) => Ok(text),
+                None => super::read_settled(&file),
+            };
+            match read {
                 Ok(text) if text.trim().is_empty() => {
                     let source = self.add_source(file, text);
                     let message = "this apps file is empty (truncated by a writer?); delete it to remove its apps";

@@ -1,0 +1,366 @@
+//! Where apps live and where edits go.
+//!
+//! The management API reads and writes apps through a [`Store`]; the policy the proxy reads is
+//! never touched here: a write becomes a new snapshot through the ordinary reload path, so a
+//! file edit and an API edit are one mechanism. [`FileStore`] is the embedded store: one app
+//! per file, `apps_dir/<id>.toml`, written atomically (a new file, synced, renamed over the old
+//! one, the directory synced), with the app's revision in the file's first line. Apps defined
+//! anywhere else (the main config, a file holding several apps) are read-only through it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::schema::{RawApp, RawAppsFile, RawEntry};
+use crate::policy::Action;
+
+/// A whitelist entry as the API shows and takes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryDoc {
+    pub domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remark: Option<String>,
+}
+
+/// An app as the API shows and takes it: the `[[app]]` table of the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppDoc {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The proxy password. Never shown (`has_token` is); on a write, absent keeps the current
+    /// one, `null` removes it, a string sets it.
+    #[serde(default, skip_serializing, deserialize_with = "some_or_null")]
+    pub token: Option<Option<String>>,
+    #[serde(default, skip_deserializing)]
+    pub has_token: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    #[serde(default)]
+    pub server_domains: Vec<EntryDoc>,
+    #[serde(default)]
+    pub webview_domains: Vec<EntryDoc>,
+    #[serde(default)]
+    pub api_whitelist: Vec<String>,
+}
+
+/// `"token": null` as `Some(None)`, distinct from an absent field (`None`).
+fn some_or_null<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(de).map(Some)
+}
+
+/// An app and its revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub doc: AppDoc,
+    pub revision: u64,
+}
+
+/// Where an app is defined, as far as writes are concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// Not defined anywhere: a write may create it.
+    Free,
+    /// In a file of its own that the store writes.
+    Writable(Stored),
+    /// Somewhere the store does not write (the main config, a file with other apps).
+    ReadOnly(PathBuf),
+}
+
+/// Where apps live and where edits go. Reads see what is on the store now (which the policy
+/// in force catches up with on the next reload).
+pub trait Store: Send + Sync {
+    /// Where `id` is defined, and its current state when the store can write it.
+    fn place(&self, id: &str) -> std::io::Result<Place>;
+    /// What the store would write for `doc` at `revision`: checked by the caller before it
+    /// is written (`None`: the app is removed).
+    fn render(&self, doc: Option<&AppDoc>, revision: u64) -> Rendered;
+    /// Make `rendered` the app's definition; returns the file it went to.
+    fn write(&self, id: &str, rendered: &Rendered) -> std::io::Result<()>;
+}
+
+/// An app's definition as text, with the field path of each line (so that a validation error
+/// at `FILE:LINE:COL` can be told as `server_domains[3].domain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The file it goes to.
+    pub file: PathBuf,
+    /// `None`: the app is removed.
+    pub text: Option<String>,
+    /// The field path of each line (1-based line `n` at index `n - 1`).
+    pub lines: Vec<String>,
+}
+
+impl Rendered {
+    /// The field path of a validation error at `line` with `message`.
+    pub fn field_at(&self, line: usize, message: &str) -> String {
+        let path = line.checked_sub(1).and_then(|i| self.lines.get(i)).cloned().unwrap_or_default();
+        if path.ends_with("].domain") && message.contains("remark") {
+            return path.replace("].domain", "].remark");
+        }
+        path
+    }
+}
+
+/// The first line of a file the store wrote: `# revision N`, then why it is there.
+const REVISION_MARK: &str = "# revision ";
+
+/// The file store: `apps_dir/<id>.toml`.
+pub struct FileStore {
+    /// The main config file (apps defined there are read-only).
+    config: PathBuf,
+    apps_dir: Option<PathBuf>,
+}
+
+impl FileStore {
+    pub fn new(config: &Path, apps_dir: Option<&Path>) -> FileStore {
+        FileStore { config: config.to_path_buf(), apps_dir: apps_dir.map(Path::to_path_buf) }
+    }
+
+    fn file_of(&self, id: &str) -> Option<PathBuf> {
+        self.apps_dir.as_ref().map(|dir| dir.join(format!("{id}.toml")))
+    }
+
+    /// The first file (the main config, then `apps_dir` in order) that defines `id`.
+    fn defining_file(&self, id: &str) -> std::io::Result<Option<PathBuf>> {
+        let mut files = vec![self.config.clone()];
+        if let Some(dir) = &self.apps_dir
+            && let Ok(listing) = std::fs::read_dir(dir)
+        {
+            let mut apps: Vec<PathBuf> = listing
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+                .collect();
+            apps.sort();
+            files.extend(apps);
+        }
+        for file in files {
+            let Ok(text) = std::fs::read_to_string(&file) else { continue };
+            let Ok(parsed) = toml::from_str::<RawAppsFile>(&text) else { continue };
+            if parsed.app.iter().any(|app| app.id.get_ref() == id) {
+                return Ok(Some(file));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The revision a file's first line records; 1 for a file without one (written by hand).
+fn revision_of(text: &str) -> u64 {
+    text.lines()
+        .next()
+        .and_then(|line| line.strip_prefix(REVISION_MARK))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or(1)
+}
+
+fn entry_docs(entries: Option<&crate::config::schema::SpannedList<RawEntry>>) -> Vec<EntryDoc> {
+    entries
+        .map(|list| {
+            list.get_ref()
+                .iter()
+                .map(|entry| EntryDoc {
+                    domain: entry.get_ref().domain.clone(),
+                    remark: entry.get_ref().remark.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl AppDoc {
+    fn from_raw(raw: &RawApp) -> AppDoc {
+        AppDoc {
+            id: raw.id.get_ref().clone(),
+            name: raw.name.clone(),
+            token: raw.token.as_ref().map(|token| Some(token.get_ref().clone())),
+            has_token: raw.token.is_some(),
+            action: raw.action,
+            server_domains: entry_docs(raw.server_domains.as_ref()),
+            webview_domains: entry_docs(raw.webview_domains.as_ref()),
+            api_whitelist: raw.api_whitelist.iter().flatten().map(|api| api.get_ref().clone()).collect(),
+        }
+    }
+
+    /// The token to write: the one given, or the current one when none was given.
+    pub fn token_after(&self, current: Option<&AppDoc>) -> Option<String> {
+        match &self.token {
+            Some(given) => given.clone(),
+            None => current.and_then(|doc| doc.token.clone().flatten()),
+        }
+    }
+}
+
+/// A TOML string literal (quoted and escaped).
+fn quoted(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+impl Store for FileStore {
+    fn place(&self, id: &str) -> std::io::Result<Place> {
+        if let Some(file) = self.file_of(id) {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => {
+                    if let Ok(parsed) = toml::from_str::<RawAppsFile>(&text)
+                        && let [app] = parsed.app.as_slice()
+                        && app.id.get_ref() == id
+                    {
+                        let doc = AppDoc::from_raw(app);
+                        return Ok(Place::Writable(Stored { doc, revision: revision_of(&text) }));
+                    }
+                    return Ok(Place::ReadOnly(file));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(match self.defining_file(id)? {
+            Some(file) => Place::ReadOnly(file),
+            None if self.apps_dir.is_some() => Place::Free,
+            None => Place::ReadOnly(self.config.clone()),
+        })
+    }
+
+    fn render(&self, doc: Option<&AppDoc>, revision: u64) -> Rendered {
+        let id = doc.map_or("", |doc| doc.id.as_str());
+        let file = self.file_of(id).unwrap_or_else(|| self.config.clone());
+        let Some(doc) = doc else { return Rendered { file, text: None, lines: Vec::new() } };
+        let mut text = String::new();
+        let mut lines = Vec::new();
+        let mut line = |text: &mut String, content: String, path: &str| {
+            text.push_str(&content);
+            text.push('\n');
+            lines.push(path.to_owned());
+        };
+        line(&mut text, format!("{REVISION_MARK}{revision}: kept by the admin API; edits by hand are fine"), "");
+        line(&mut text, "[[app]]".to_owned(), "");
+        line(&mut text, format!("id = {}", quoted(&doc.id)), "id");
+        if let Some(name) = &doc.name {
+            line(&mut text, format!("name = {}", quoted(name)), "name");
+        }
+        if let Some(Some(token)) = &doc.token {
+            line(&mut text, format!("token = {}", quoted(token)), "token");
+        }
+        if let Some(action) = doc.action {
+            line(&mut text, format!("action = \"{}\"", action.as_str()), "action");
+        }
+        for (key, entries) in [("server_domains", &doc.server_domains), ("webview_domains", &doc.webview_domains)] {
+            line(&mut text, format!("{key} = ["), key);
+            for (i, entry) in entries.iter().enumerate() {
+                let value = match &entry.remark {
+                    Some(remark) => format!("  {{ domain = {}, remark = {} }},", quoted(&entry.domain), quoted(remark)),
+                    None => format!("  {},", quoted(&entry.domain)),
+                };
+                line(&mut text, value, &format!("{key}[{i}].domain"));
+            }
+            line(&mut text, "]".to_owned(), key);
+        }
+        line(&mut text, "api_whitelist = [".to_owned(), "api_whitelist");
+        for (i, api) in doc.api_whitelist.iter().enumerate() {
+            line(&mut text, format!("  {},", quoted(api)), &format!("api_whitelist[{i}]"));
+        }
+        line(&mut text, "]".to_owned(), "api_whitelist");
+        Rendered { file, text: Some(text), lines }
+    }
+
+    fn write(&self, _id: &str, rendered: &Rendered) -> std::io::Result<()> {
+        let dir = rendered.file.parent().unwrap_or(Path::new("."));
+        match &rendered.text {
+            None => std::fs::remove_file(&rendered.file)?,
+            Some(text) => {
+                // Not `*.toml`: a reload never reads it half-written.
+                let name = rendered.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+                let mut file = std::fs::File::create(&temp)?;
+                let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
+                if let Err(e) = written.and_then(|()| std::fs::rename(&temp, &rendered.file)) {
+                    let _ = std::fs::remove_file(&temp);
+                    return Err(e);
+                }
+            }
+        }
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, FileStore) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("apps")).unwrap();
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(&config, "[policy]\napps_dir = \"apps\"\n\n[[app]]\nid = \"main\"\n").unwrap();
+        let store = FileStore::new(&config, Some(&dir.path().join("apps")));
+        (dir, store)
+    }
+
+    fn doc() -> AppDoc {
+        AppDoc {
+            id: "shop".into(),
+            name: Some("Shop \"quoted\"".into()),
+            token: Some(Some("s3cret".into())),
+            has_token: false,
+            action: Some(Action::Report),
+            server_domains: vec![
+                EntryDoc { domain: "api.shop.example".into(), remark: None },
+                EntryDoc { domain: "https://img.shop.example:8443".into(), remark: Some("CDN\nline".into()) },
+            ],
+            webview_domains: vec![],
+            api_whitelist: vec!["shop.pay".into()],
+        }
+    }
+
+    #[test]
+    fn a_rendered_app_reads_back_the_same_with_its_revision() {
+        let (_dir, store) = store();
+        let rendered = store.render(Some(&doc()), 7);
+        store.write("shop", &rendered).unwrap();
+        let Place::Writable(stored) = store.place("shop").unwrap() else { panic!("not writable") };
+        let mut expected = doc();
+        expected.has_token = true;
+        assert_eq!(stored, Stored { doc: expected, revision: 7 });
+        assert_eq!(rendered.field_at(9, "the remark of x is too long"), "server_domains[1].remark");
+        assert_eq!(rendered.field_at(8, "bad"), "server_domains[0].domain");
+        assert_eq!(rendered.field_at(3, "bad"), "id");
+    }
+
+    #[test]
+    fn apps_elsewhere_are_read_only_and_unknown_ones_free() {
+        let (dir, store) = store();
+        assert_eq!(store.place("main").unwrap(), Place::ReadOnly(dir.path().join("gateway.toml")));
+        std::fs::write(dir.path().join("apps/pair.toml"), "[[app]]\nid = \"a\"\n[[app]]\nid = \"b\"\n").unwrap();
+        assert_eq!(store.place("b").unwrap(), Place::ReadOnly(dir.path().join("apps/pair.toml")));
+        assert_eq!(store.place("new").unwrap(), Place::Free);
+        // a file written by hand has revision 1
+        std::fs::write(dir.path().join("apps/hand.toml"), "[[app]]\nid = \"hand\"\n").unwrap();
+        let Place::Writable(stored) = store.place("hand").unwrap() else { panic!() };
+        assert_eq!(stored.revision, 1);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_whole() {
+        let (dir, store) = store();
+        store.write("shop", &store.render(Some(&doc()), 1)).unwrap();
+        let before = std::fs::read(dir.path().join("apps/shop.toml")).unwrap();
+        // the rename fails (its target is a directory now): nothing is lost, nothing left over
+        let mut rendered = store.render(Some(&doc()), 2);
+        rendered.file = dir.path().join("apps/taken");
+        std::fs::create_dir(&rendered.file).unwrap();
+        std::fs::write(rendered.file.join("x"), "").unwrap();
+        assert!(store.write("shop", &rendered).is_err());
+        assert_eq!(std::fs::read(dir.path().join("apps/shop.toml")).unwrap(), before);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("apps"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}
