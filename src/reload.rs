@@ -15,7 +15,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -203,6 +203,17 @@ impl Reloader {
         Ok(generation)
     }
 
+    /// Validate the config as it would be with the `apps_dir` file `file` holding `text` (or
+    /// removed), with check's rules and the apps already validated; changes nothing.
+    pub async fn check_candidate(&self, file: PathBuf, text: Option<String>) -> Result<(), ConfigErrors> {
+        let loader = self.loader.lock().await.clone();
+        let checked = tokio::task::spawn_blocking(move || loader.load_candidate(&file, text.as_deref()).map(drop));
+        checked.await.unwrap_or_else(|e| {
+            let message = format!("the check failed: {e}");
+            Err(ConfigErrors(vec![ConfigError { path: PathBuf::new(), line: 1, col: 1, message }]))
+        })
+    }
+
     /// Reload if the config's files changed since the last reload looked at them.
     pub async fn reload_if_changed(&self) {
         let config = self.shared.live.load_full();
@@ -211,6 +222,12 @@ impl Reloader {
         if print.is_ok_and(|print| print != last) {
             let _ = self.reload(Trigger::Periodic).await;
         }
+    }
+
+    /// The config file and `apps_dir` of the config in force.
+    pub fn config_files(&self) -> (PathBuf, Option<PathBuf>) {
+        let snapshot = self.shared.live.load();
+        (snapshot.config.path.clone(), snapshot.config.apps_dir.clone())
     }
 
     /// What the file watcher should watch for the config in force.

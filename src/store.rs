@@ -15,13 +15,38 @@ use serde::{Deserialize, Serialize};
 use crate::config::schema::{RawApp, RawAppsFile, RawEntry};
 use crate::policy::Action;
 
-/// A whitelist entry as the API shows and takes it.
+/// A whitelist entry as the API shows it, and takes it: `"api.shop.example"` or
+/// `{"domain": "…", "remark": "…"}`, as in the config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "EntryInput")]
 pub struct EntryDoc {
     pub domain: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remark: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum EntryInput {
+    Bare(String),
+    Full(FullEntry),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FullEntry {
+    domain: String,
+    #[serde(default)]
+    remark: Option<String>,
+}
+
+impl From<EntryInput> for EntryDoc {
+    fn from(input: EntryInput) -> EntryDoc {
+        match input {
+            EntryInput::Bare(domain) => EntryDoc { domain, remark: None },
+            EntryInput::Full(FullEntry { domain, remark }) => EntryDoc { domain, remark },
+        }
+    }
 }
 
 /// An app as the API shows and takes it: the `[[app]]` table of the config.
@@ -78,7 +103,7 @@ pub trait Store: Send + Sync {
     fn place(&self, id: &str) -> std::io::Result<Place>;
     /// What the store would write for `doc` at `revision`: checked by the caller before it
     /// is written (`None`: the app is removed).
-    fn render(&self, doc: Option<&AppDoc>, revision: u64) -> Rendered;
+    fn render(&self, id: &str, doc: Option<&AppDoc>, revision: u64) -> Rendered;
     /// Make `rendered` the app's definition; returns the file it went to.
     fn write(&self, id: &str, rendered: &Rendered) -> std::io::Result<()>;
 }
@@ -226,8 +251,7 @@ impl Store for FileStore {
         })
     }
 
-    fn render(&self, doc: Option<&AppDoc>, revision: u64) -> Rendered {
-        let id = doc.map_or("", |doc| doc.id.as_str());
+    fn render(&self, id: &str, doc: Option<&AppDoc>, revision: u64) -> Rendered {
         let file = self.file_of(id).unwrap_or_else(|| self.config.clone());
         let Some(doc) = doc else { return Rendered { file, text: None, lines: Vec::new() } };
         let mut text = String::new();
@@ -320,7 +344,7 @@ mod tests {
     #[test]
     fn a_rendered_app_reads_back_the_same_with_its_revision() {
         let (_dir, store) = store();
-        let rendered = store.render(Some(&doc()), 7);
+        let rendered = store.render("shop", Some(&doc()), 7);
         store.write("shop", &rendered).unwrap();
         let Place::Writable(stored) = store.place("shop").unwrap() else { panic!("not writable") };
         let mut expected = doc();
@@ -347,10 +371,10 @@ mod tests {
     #[test]
     fn a_failed_write_leaves_the_old_file_whole() {
         let (dir, store) = store();
-        store.write("shop", &store.render(Some(&doc()), 1)).unwrap();
+        store.write("shop", &store.render("shop", Some(&doc()), 1)).unwrap();
         let before = std::fs::read(dir.path().join("apps/shop.toml")).unwrap();
         // the rename fails (its target is a directory now): nothing is lost, nothing left over
-        let mut rendered = store.render(Some(&doc()), 2);
+        let mut rendered = store.render("shop", Some(&doc()), 2);
         rendered.file = dir.path().join("apps/taken");
         std::fs::create_dir(&rendered.file).unwrap();
         std::fs::write(rendered.file.join("x"), "").unwrap();

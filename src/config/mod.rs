@@ -219,7 +219,7 @@ pub fn load_str(path: &Path, text: String) -> Result<Config, ConfigErrors> {
 
 /// Loads one config file again and again, re-validating only the `apps_dir` files that
 /// changed since the last load.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Loader {
     path: PathBuf,
     cache: AppsCache,

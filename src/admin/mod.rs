@@ -14,6 +14,8 @@
 //! `admin_hosts` in its `Host` (a DNS-rebound name is refused), and a state-changing request
 //! that carries a foreign `Origin` (a page elsewhere posting to it) is refused.
 
+mod apps;
+
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -52,7 +54,7 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request body must arrive within this.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Body = Full<Bytes>;
+pub(crate) type Body = Full<Bytes>;
 
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -62,7 +64,7 @@ pub(crate) async fn serve(
 ) {
     let tracker = tokio_util::task::TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let throttle = Arc::new(AuthThrottle::default());
+    let state = Arc::new(AdminState::default());
     loop {
         let (stream, client) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -80,11 +82,11 @@ pub(crate) async fn serve(
             continue;
         };
         let local = stream.local_addr().unwrap_or(client);
-        let (shared, reloader, stop, throttle) = (shared.clone(), reloader.clone(), stop.clone(), throttle.clone());
+        let (shared, reloader, stop, state) = (shared.clone(), reloader.clone(), stop.clone(), state.clone());
         tracker.spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
-                let caller = Caller { client, local, throttle: throttle.clone() };
+                let caller = Caller { client, local, state: state.clone() };
                 let (shared, reloader) = (shared.clone(), reloader.clone());
                 async move { Ok::<_, Infallible>(route(req, &shared, &reloader, &caller).await) }
             });
@@ -102,12 +104,21 @@ pub(crate) async fn serve(
     tracker.wait().await;
 }
 
+/// What the admin listener keeps between requests.
+#[derive(Default)]
+struct AdminState {
+    /// Failed authentication per client address.
+    throttle: AuthThrottle,
+    /// App writes, one at a time.
+    writes: apps::WriteLock,
+}
+
 /// Who is calling, and where they reached the listener.
 struct Caller {
     client: SocketAddr,
     /// The listener's own address on this connection.
     local: SocketAddr,
-    throttle: Arc<AuthThrottle>,
+    state: Arc<AdminState>,
 }
 
 async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, caller: &Caller) -> Response<Body> {
@@ -137,6 +148,8 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     };
     let needed = match (&method, path.as_str()) {
         (&Method::POST, "/-/reload") => Role::Admin,
+        (&Method::GET, _) | (&Method::POST, "/v1/check") => Role::Viewer,
+        (_, p) if p.starts_with("/v1/apps/") => Role::Editor,
         _ => Role::Viewer,
     };
     if let Some(user) = user
@@ -164,10 +177,19 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         }
         (&Method::GET, p) if p.starts_with("/v1/apps/") => {
             let id = &p["/v1/apps/".len()..];
+            if let Some(stored) = apps::get(reloader, id) {
+                return stored;
+            }
             match policy.app(id) {
                 Some(app) => json_response(StatusCode::OK, &AppView::new(app)),
                 None => error(StatusCode::NOT_FOUND, &format!("no app {id:?}")),
             }
+        }
+        (&Method::PUT | &Method::POST | &Method::DELETE, p) if p.starts_with("/v1/apps/") => {
+            let rest = &p["/v1/apps/".len()..];
+            let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+            let (id, rest) = (id.to_owned(), rest.to_owned());
+            apps::write(req, reloader, &caller.state.writes, &id, &rest).await
         }
         (&Method::POST, "/v1/check") => check(req, policy).await,
         (&Method::GET, "/proxy.pac") => {
@@ -199,7 +221,7 @@ fn authenticate<'u>(
     if users.is_empty() {
         return Ok(None);
     }
-    if let Err(wait) = caller.throttle.check(caller.client.ip(), "") {
+    if let Err(wait) = caller.state.throttle.check(caller.client.ip(), "") {
         let mut response =
             error(StatusCode::TOO_MANY_REQUESTS, "too many failed authentications from this address; wait");
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
@@ -214,7 +236,7 @@ fn authenticate<'u>(
         return Ok(Some(user));
     }
     if req.headers().contains_key(AUTHORIZATION) {
-        caller.throttle.failed(caller.client.ip(), "");
+        caller.state.throttle.failed(caller.client.ip(), "");
         shared.metrics.auth_failures_admin.inc();
     }
     let mut response = error(StatusCode::UNAUTHORIZED, "this admin path needs Authorization: Bearer <token>");
@@ -290,7 +312,7 @@ struct CheckRequest {
 
 /// Read a request body of at most [`MAX_BODY`] bytes within [`BODY_TIMEOUT`].
 #[allow(clippy::result_large_err)]
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the body may be at most {MAX_BODY} bytes"));
     if declared.is_some_and(|len| len > MAX_BODY as u64) {
@@ -395,12 +417,12 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body.as_bytes().to_vec())
 }
 
-fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     let mut body = serde_json::to_vec(value).unwrap_or_default();
     body.push(b'\n');
     respond(status, "application/json", body)
 }
 
-fn error(status: StatusCode, message: &str) -> Response<Body> {
+pub(crate) fn error(status: StatusCode, message: &str) -> Response<Body> {
     json_response(status, &json!({ "error": message }))
 }

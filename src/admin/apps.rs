@@ -1,0 +1,387 @@
+//! `/v1/apps/{id}…`: reading and changing one app through the [`Store`].
+//!
+//! Every write takes the same steps, one write at a time: find where the app is defined
+//! (apps outside the store's own files are read-only: `409` naming the file), check the
+//! request's precondition against the app's revision (`If-Match`, `If-None-Match: *`), build
+//! the new app, validate the whole config as it would be with check's rules (`422` with every
+//! error as a field path), and, unless it is a dry run, write it and reload: the answer comes
+//! once the change is in force, with the generation that carries it.
+
+// A refusal is the response itself; these run once per admin request, far from the hot path.
+#![allow(clippy::result_large_err)]
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{ETAG, HeaderValue, IF_MATCH, IF_NONE_MATCH};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Body, error, json_response, read_body};
+use crate::config::ConfigErrors;
+use crate::policy::Action;
+use crate::reload::{Reloader, Trigger};
+use crate::store::{AppDoc, EntryDoc, FileStore, Place, Store, Stored};
+
+/// One write at a time: a precondition is checked and the write made under the same lock.
+pub(crate) type WriteLock = tokio::sync::Mutex<()>;
+
+/// The lists an entry can be added to, edited in and deleted from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum List {
+    ServerDomains,
+    WebviewDomains,
+    ApiWhitelist,
+}
+
+impl List {
+    fn parse(raw: &str) -> Option<List> {
+        match raw {
+            "server_domains" => Some(List::ServerDomains),
+            "webview_domains" => Some(List::WebviewDomains),
+            "api_whitelist" => Some(List::ApiWhitelist),
+            _ => None,
+        }
+    }
+}
+
+/// What a request asks of the app's revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Precondition {
+    None,
+    /// `If-None-Match: *`: the app must not exist.
+    Absent,
+    /// `If-Match: "N"`.
+    Revision(u64),
+}
+
+fn precondition(req: &Request<Incoming>) -> Result<Precondition, Response<Body>> {
+    if req.headers().get(IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == b"*") {
+        return Ok(Precondition::Absent);
+    }
+    let Some(value) = req.headers().get(IF_MATCH) else { return Ok(Precondition::None) };
+    let text = value.to_str().unwrap_or("").trim().trim_start_matches("W/").trim_matches('"');
+    text.parse()
+        .map(Precondition::Revision)
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "If-Match takes an app's revision as its ETag shows it: \"N\""))
+}
+
+fn etag(revision: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits and quotes")
+}
+
+/// An app as answered: the document, its revision, and (after a write) the generation.
+fn app_response(status: StatusCode, stored: &Stored, generation: Option<u64>) -> Response<Body> {
+    let mut value = serde_json::to_value(&stored.doc).unwrap_or_default();
+    value["revision"] = json!(stored.revision);
+    if let Some(generation) = generation {
+        value["generation"] = json!(generation);
+    }
+    let mut response = json_response(status, &value);
+    response.headers_mut().insert(ETAG, etag(stored.revision));
+    response
+}
+
+fn store(reloader: &Reloader) -> FileStore {
+    let (config, apps_dir) = reloader.config_files();
+    FileStore::new(&config, apps_dir.as_deref())
+}
+
+/// `GET /v1/apps/{id}` for an app the store can write: its document and revision. `None`
+/// for apps it cannot (the caller shows the policy's view).
+pub(crate) fn get(reloader: &Reloader, id: &str) -> Option<Response<Body>> {
+    match store(reloader).place(id) {
+        Ok(Place::Writable(stored)) => Some(app_response(StatusCode::OK, &stored, None)),
+        _ => None,
+    }
+}
+
+/// Route a write under `/v1/apps/{id}`; `rest` is what follows the id.
+pub(crate) async fn write(
+    req: Request<Incoming>,
+    reloader: &Reloader,
+    lock: &WriteLock,
+    id: &str,
+    rest: &str,
+) -> Response<Body> {
+    let dry_run = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "dry_run=true"));
+    let pre = match precondition(&req) {
+        Ok(pre) => pre,
+        Err(refusal) => return refusal,
+    };
+    let method = req.method().clone();
+    let segments: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+    let body = match read_body(req).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
+    };
+    let change: Change = match (&method, segments.as_slice()) {
+        (&Method::PUT, []) => match parse::<AppDoc>(&body) {
+            Ok(doc) if !doc.id.is_empty() && doc.id != id => {
+                return error(StatusCode::BAD_REQUEST, &format!("the body names app {:?}, the path {id:?}", doc.id));
+            }
+            Ok(doc) => Change::Replace(doc),
+            Err(refusal) => return refusal,
+        },
+        (&Method::DELETE, []) => Change::Delete,
+        (&Method::PUT, ["action"]) => match parse::<ActionBody>(&body) {
+            Ok(body) => Change::Action(body.action),
+            Err(refusal) => return refusal,
+        },
+        (&Method::POST, [list]) => match (List::parse(list), parse::<EntryBody>(&body)) {
+            (Some(list), Ok(EntryBody { entry: Some(entry), remark })) => Change::Add(list, entry, remark),
+            (Some(_), Ok(_)) => return error(StatusCode::BAD_REQUEST, "send {\"entry\", \"remark\"?}"),
+            (Some(_), Err(refusal)) => return refusal,
+            (None, _) => return error(StatusCode::NOT_FOUND, &format!("no list {list:?}")),
+        },
+        (&Method::PUT | &Method::DELETE, [list, entry]) => {
+            let Some(list) = List::parse(list) else {
+                return error(StatusCode::NOT_FOUND, &format!("no list {list:?}"));
+            };
+            let entry = percent_encoding::percent_decode_str(entry).decode_utf8_lossy().into_owned();
+            if method == Method::DELETE {
+                Change::Remove(list, entry)
+            } else {
+                match parse::<EntryBody>(&body) {
+                    Ok(edit) => Change::Edit(list, entry, edit),
+                    Err(refusal) => return refusal,
+                }
+            }
+        }
+        _ => return error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed here")),
+    };
+    apply(reloader, lock, id, pre, dry_run, change).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    action: Action,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryBody {
+    entry: Option<String>,
+    #[serde(default, deserialize_with = "some_or_null")]
+    remark: Option<Option<String>>,
+}
+
+fn some_or_null<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(de).map(Some)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response<Body>> {
+    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, &format!("malformed JSON: {e}")))
+}
+
+/// What a write does to the app.
+enum Change {
+    Replace(AppDoc),
+    Delete,
+    Action(Action),
+    /// Add an entry (with a remark) to a list.
+    Add(List, String, Option<Option<String>>),
+    /// Edit the entry of a list that is now the given value: its value and/or remark.
+    Edit(List, String, EntryBody),
+    Remove(List, String),
+}
+
+/// The entries of `list`, as (value, remark) pairs.
+fn entries(doc: &mut AppDoc, list: List) -> ListMut<'_> {
+    match list {
+        List::ServerDomains => ListMut::Domains(&mut doc.server_domains),
+        List::WebviewDomains => ListMut::Domains(&mut doc.webview_domains),
+        List::ApiWhitelist => ListMut::Apis(&mut doc.api_whitelist),
+    }
+}
+
+enum ListMut<'a> {
+    Domains(&'a mut Vec<EntryDoc>),
+    Apis(&'a mut Vec<String>),
+}
+
+impl ListMut<'_> {
+    fn position(&self, value: &str) -> Option<usize> {
+        match self {
+            ListMut::Domains(list) => list.iter().position(|e| e.domain == value),
+            ListMut::Apis(list) => list.iter().position(|api| api == value),
+        }
+    }
+}
+
+/// The new app (or `None` to delete it) that `change` makes of `current`, or the refusal.
+fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<AppDoc>, Response<Body>> {
+    let missing = || error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
+    let gone = |value: &str| error(StatusCode::NOT_FOUND, &format!("{value:?} is no longer on the list"));
+    let no_remark = || error(StatusCode::UNPROCESSABLE_ENTITY, "api_whitelist entries take no remark");
+    match change {
+        Change::Replace(mut doc) => {
+            doc.id = id.to_owned();
+            doc.token = Some(doc.token_after(current));
+            Ok(Some(doc))
+        }
+        Change::Delete => current.map(|_| None).ok_or_else(missing),
+        Change::Action(action) => {
+            let mut doc = current.cloned().ok_or_else(missing)?;
+            doc.action = Some(action);
+            Ok(Some(doc))
+        }
+        Change::Add(list, value, remark) => {
+            let mut doc = current.cloned().ok_or_else(missing)?;
+            let entries = entries(&mut doc, list);
+            if entries.position(&value).is_some() {
+                return Err(error(StatusCode::CONFLICT, &format!("{value:?} is already on the list")));
+            }
+            match entries {
+                ListMut::Domains(list) => list.push(EntryDoc { domain: value, remark: remark.flatten() }),
+                ListMut::Apis(_) if remark.flatten().is_some() => return Err(no_remark()),
+                ListMut::Apis(list) => list.push(value),
+            }
+            Ok(Some(doc))
+        }
+        Change::Edit(list, value, edit) => {
+            let mut doc = current.cloned().ok_or_else(missing)?;
+            let mut entries = entries(&mut doc, list);
+            let index = entries.position(&value).ok_or_else(|| gone(&value))?;
+            match &mut entries {
+                ListMut::Domains(list) => {
+                    let entry = &mut list[index];
+                    if let Some(new) = edit.entry {
+                        entry.domain = new;
+                    }
+                    if let Some(remark) = edit.remark {
+                        entry.remark = remark;
+                    }
+                }
+                ListMut::Apis(_) if edit.remark.flatten().is_some() => return Err(no_remark()),
+                ListMut::Apis(list) => {
+                    if let Some(new) = edit.entry {
+                        list[index] = new;
+                    }
+                }
+            }
+            Ok(Some(doc))
+        }
+        Change::Remove(list, value) => {
+            let mut doc = current.cloned().ok_or_else(missing)?;
+            let mut entries = entries(&mut doc, list);
+            let index = entries.position(&value).ok_or_else(|| gone(&value))?;
+            match &mut entries {
+                ListMut::Domains(list) => drop(list.remove(index)),
+                ListMut::Apis(list) => drop(list.remove(index)),
+            }
+            Ok(Some(doc))
+        }
+    }
+}
+
+async fn apply(
+    reloader: &Reloader,
+    lock: &WriteLock,
+    id: &str,
+    pre: Precondition,
+    dry_run: bool,
+    change: Change,
+) -> Response<Body> {
+    if !crate::policy::is_valid_app_id(id) {
+        return error(StatusCode::BAD_REQUEST, "an app id is 1 to 64 characters of A-Z a-z 0-9 _ - .");
+    }
+    let _one_at_a_time = lock.lock().await;
+    let store = store(reloader);
+    let current = match store.place(id) {
+        Ok(Place::Writable(stored)) => Some(stored),
+        Ok(Place::Free) => None,
+        Ok(Place::ReadOnly(file)) => {
+            let message = format!(
+                "app {id:?} is defined in {}, which the admin API does not write: move its [[app]] table to \
+                 apps_dir/{id}.toml (one app per file) to manage it here",
+                file.display()
+            );
+            return error(StatusCode::CONFLICT, &message);
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app: {e}")),
+    };
+    let revision = current.as_ref().map(|stored| stored.revision);
+    let stale = |current: Option<u64>| {
+        let mut response = json_response(
+            StatusCode::PRECONDITION_FAILED,
+            &json!({ "error": "the app changed since that revision (or does not exist)", "revision": current }),
+        );
+        if let Some(current) = current {
+            response.headers_mut().insert(ETAG, etag(current));
+        }
+        response
+    };
+    let whole = matches!(change, Change::Replace(_) | Change::Delete);
+    match (pre, revision) {
+        (Precondition::Absent, Some(current)) => return stale(Some(current)),
+        (Precondition::Revision(wanted), current) if current != Some(wanted) => return stale(current),
+        (Precondition::None, _) if whole => {
+            let message = "a whole-app write needs a precondition: If-Match: \"<revision>\" to replace or delete, \
+                           If-None-Match: * to create";
+            return error(StatusCode::PRECONDITION_REQUIRED, message);
+        }
+        _ => {}
+    }
+    let created = current.is_none() || matches!(change, Change::Add(..));
+    let no_content = matches!(change, Change::Delete | Change::Remove(..));
+    let doc = match changed(id, current.as_ref().map(|stored| &stored.doc), change) {
+        Ok(doc) => doc,
+        Err(refusal) => return refusal,
+    };
+    let next = revision.unwrap_or(0) + 1;
+    let rendered = store.render(id, doc.as_ref(), next);
+    if let Err(errors) = reloader.check_candidate(rendered.file.clone(), rendered.text.clone()).await {
+        return invalid(&errors, &rendered);
+    }
+    let shown = doc.map(|mut doc| {
+        doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
+        Stored { doc, revision: next }
+    });
+    if dry_run {
+        let mut value = shown.as_ref().map(|s| serde_json::to_value(&s.doc).unwrap_or_default()).unwrap_or(json!(null));
+        if let Some(stored) = &shown {
+            value["revision"] = json!(stored.revision);
+        }
+        return json_response(StatusCode::OK, &json!({ "dry_run": true, "app": value }));
+    }
+    if let Err(e) = store.write(id, &rendered) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write {}: {e}", rendered.file.display()));
+    }
+    match reloader.reload(Trigger::Admin).await {
+        Ok(generation) => match shown.filter(|_| !no_content) {
+            Some(stored) => {
+                let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+                app_response(status, &stored, Some(generation))
+            }
+            None => {
+                let mut response = Response::new(http_body_util::Full::new(Bytes::new()));
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                response.headers_mut().insert("x-gateway-generation", HeaderValue::from(generation));
+                response
+            }
+        },
+        Err(errors) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("written to {}, but the reload failed:\n{errors}", rendered.file.display()),
+        ),
+    }
+}
+
+/// `422` with every error, those in the written file as field paths.
+fn invalid(errors: &ConfigErrors, rendered: &crate::store::Rendered) -> Response<Body> {
+    let errors: Vec<serde_json::Value> = errors
+        .0
+        .iter()
+        .map(|e| {
+            let (path, message) = if e.path == rendered.file {
+                (rendered.field_at(e.line, &e.message), e.message.clone())
+            } else {
+                (String::new(), e.to_string())
+            };
+            json!({ "path": path, "message": message })
+        })
+        .collect();
+    json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({ "errors": errors }))
+}

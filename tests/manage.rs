@@ -1,0 +1,227 @@
+//! Managing apps through the admin API, as a script or a console does: create, replace and
+//! delete with preconditions, one entry at a time, validation errors as field paths, dry
+//! runs, roles, and a proxy that enforces a write as soon as it is answered.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use common::*;
+use serde_json::{Value, json};
+
+const EDITOR: &str = "editor-token";
+const VIEWER: &str = "viewer-token";
+
+fn hash(token: &str) -> String {
+    miniapp_gateway::config::token_sha256(token).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A gateway with `apps_dir`, app `shop` in it, app `main` in the main file, an editor and a
+/// viewer.
+async fn setup() -> (Origin, TestGateway) {
+    let origin = Origin::start(&["api.shop.example", "new.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    std::fs::write(
+        dir.path().join("apps/shop.toml"),
+        "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n",
+    )
+    .unwrap();
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[policy]
+apps_dir = "apps"
+
+[resolve]
+"api.shop.example" = "{o}"
+"new.shop.example" = "{o}"
+
+[[app]]
+id = "main"
+
+[[admin_user]]
+name = "ed"
+token_sha256 = "{editor}"
+role = "editor"
+
+[[admin_user]]
+name = "vera"
+token_sha256 = "{viewer}"
+role = "viewer"
+"#,
+        o = origin.addr,
+        editor = hash(EDITOR),
+        viewer = hash(VIEWER)
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = TestGateway::start_at(dir, path).await;
+    (origin, gw)
+}
+
+/// One admin request with extra headers: (status, headers, JSON body or null).
+async fn call(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+    token: &str,
+) -> (u16, HashMap<String, String>, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    let answer = send_raw(admin, &request).await;
+    let json = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    (answer.status, answer.headers, json)
+}
+
+#[tokio::test]
+async fn create_replace_and_delete_with_each_precondition() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let app = json!({"name": "New", "server_domains": [{"domain": "new.shop.example", "remark": "launch"}]});
+    let (status, _, body) = call(admin, "PUT", "/v1/apps/fresh", &[], Some(app.clone()), EDITOR).await;
+    assert_eq!(status, 428, "{body}");
+    let create = [("If-None-Match", "*")];
+    let (status, headers, body) = call(admin, "PUT", "/v1/apps/fresh", &create, Some(app.clone()), EDITOR).await;
+    assert_eq!((status, headers["etag"].as_str(), body["revision"].as_u64()), (201, "\"1\"", Some(1)), "{body}");
+    // in force before the answer: the proxy already lets it through
+    assert_eq!(connect_as(gw.addr(), "fresh", "x", "new.shop.example:443").await.reason(), "whitelisted");
+    assert_eq!(body["generation"].as_u64(), Some(2));
+    let (status, _, body) = call(admin, "PUT", "/v1/apps/fresh", &create, Some(app.clone()), EDITOR).await;
+    assert_eq!((status, body["revision"].as_u64()), (412, Some(1)));
+
+    let (status, headers, body) = call(admin, "GET", "/v1/apps/fresh", &[], None, VIEWER).await;
+    assert_eq!((status, headers["etag"].as_str()), (200, "\"1\""));
+    assert_eq!(body["server_domains"][0]["remark"], "launch");
+    let replaced = json!({"server_domains": ["api.shop.example"], "action": "report"});
+    let (status, _, body) = call(admin, "PUT", "/v1/apps/fresh", &[], Some(replaced.clone()), EDITOR).await;
+    assert_eq!(status, 428, "{body}");
+    let (status, _, body) =
+        call(admin, "PUT", "/v1/apps/fresh", &[("If-Match", "\"1\"")], Some(replaced.clone()), EDITOR).await;
+    assert_eq!((status, body["revision"].as_u64()), (200, Some(2)), "{body}");
+    let (status, headers, body) =
+        call(admin, "PUT", "/v1/apps/fresh", &[("If-Match", "\"1\"")], Some(replaced), EDITOR).await;
+    assert_eq!((status, body["revision"].as_u64(), headers["etag"].as_str()), (412, Some(2), "\"2\""));
+
+    let (status, _, _) = call(admin, "DELETE", "/v1/apps/fresh", &[], None, EDITOR).await;
+    assert_eq!(status, 428);
+    let (status, headers, _) = call(admin, "DELETE", "/v1/apps/fresh", &[("If-Match", "\"2\"")], None, EDITOR).await;
+    assert_eq!(status, 204);
+    assert!(headers.contains_key("x-gateway-generation"));
+    assert_eq!(connect_as(gw.addr(), "fresh", "x", "api.shop.example:443").await.reason(), "unknown_app");
+    assert!(!gw.dir.path().join("apps/fresh.toml").exists());
+}
+
+#[tokio::test]
+async fn one_entry_at_a_time() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let add = json!({"entry": "new.shop.example", "remark": "launch"});
+    let (status, _, body) = call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(add.clone()), EDITOR).await;
+    assert_eq!((status, body["revision"].as_u64()), (201, Some(2)), "{body}");
+    assert_eq!(connect_as(gw.addr(), "shop", "x", "new.shop.example:443").await.reason(), "whitelisted");
+    let (status, _, _) = call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(add), EDITOR).await;
+    assert_eq!(status, 409);
+    let edit = json!({"remark": "launched"});
+    let path = "/v1/apps/shop/server_domains/new.shop.example";
+    let (status, _, body) = call(admin, "PUT", path, &[], Some(edit.clone()), EDITOR).await;
+    assert_eq!((status, body["server_domains"][1]["remark"].as_str()), (200, Some("launched")), "{body}");
+    // an edit made against an older revision does not silently overwrite a newer one
+    let (status, _, _) = call(admin, "PUT", path, &[("If-Match", "\"2\"")], Some(edit), EDITOR).await;
+    assert_eq!(status, 412);
+    let (status, _, _) = call(admin, "DELETE", path, &[], None, EDITOR).await;
+    assert_eq!(status, 204);
+    let (status, _, _) = call(admin, "DELETE", path, &[], None, EDITOR).await;
+    assert_eq!(status, 404, "someone else's delete is not repeated");
+    assert_eq!(connect_as(gw.addr(), "shop", "x", "new.shop.example:443").await.reason(), "not_whitelisted");
+    // an entry written as a URL is addressed percent-encoded
+    let url = json!({"entry": "https://img.shop.example:8443"});
+    assert_eq!(call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(url), EDITOR).await.0, 201);
+    let encoded = "/v1/apps/shop/server_domains/https%3A%2F%2Fimg.shop.example%3A8443";
+    assert_eq!(call(admin, "DELETE", encoded, &[], None, EDITOR).await.0, 204);
+    let api = json!({"entry": "shop.pay"});
+    assert_eq!(call(admin, "POST", "/v1/apps/shop/api_whitelist", &[], Some(api), EDITOR).await.0, 201);
+    let (status, _, body) =
+        call(admin, "PUT", "/v1/apps/shop/action", &[], Some(json!({"action": "open"})), EDITOR).await;
+    assert_eq!(
+        (status, body["action"].as_str(), body["api_whitelist"][0].as_str()),
+        (200, Some("open"), Some("shop.pay"))
+    );
+    assert_eq!(connect_as(gw.addr(), "shop", "x", "new.shop.example:443").await.reason(), "open");
+}
+
+#[tokio::test]
+async fn every_validation_error_as_a_field_path_and_a_dry_run_changes_nothing() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let bad = json!({"server_domains": ["api.shop.example", "http://x.example", {"domain": "y.example", "remark": "r".repeat(201)}], "webview_domains": ["*"]});
+    let (status, _, body) = call(admin, "PUT", "/v1/apps/shop", &[("If-Match", "\"1\"")], Some(bad), EDITOR).await;
+    assert_eq!(status, 422, "{body}");
+    let errors: Vec<(String, String)> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["path"].as_str().unwrap().to_owned(), e["message"].as_str().unwrap().to_owned()))
+        .collect();
+    let paths: Vec<&str> = errors.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["server_domains[1].domain", "server_domains[2].remark", "webview_domains[0].domain"]);
+    assert!(errors[0].1.contains("only https:// and wss:// entries are allowed"), "{errors:?}");
+
+    let before = std::fs::read(gw.dir.path().join("apps/shop.toml")).unwrap();
+    let add = json!({"entry": "new.shop.example"});
+    let (status, _, body) =
+        call(admin, "POST", "/v1/apps/shop/server_domains?dry_run=true", &[], Some(add), EDITOR).await;
+    assert_eq!((status, body["dry_run"].as_bool(), body["app"]["revision"].as_u64()), (200, Some(true), Some(2)));
+    assert_eq!(std::fs::read(gw.dir.path().join("apps/shop.toml")).unwrap(), before);
+    assert_eq!(connect_as(gw.addr(), "shop", "x", "new.shop.example:443").await.reason(), "not_whitelisted");
+    assert_eq!(gw.metric("gateway_config_generation").await, 1.0);
+}
+
+#[tokio::test]
+async fn concurrent_adds_all_land_exactly_once() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let adds = (0..16).map(|i| {
+        tokio::spawn(async move {
+            let add = json!({"entry": format!("h{i}.shop.example")});
+            call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(add), EDITOR).await.0
+        })
+    });
+    for add in adds.collect::<Vec<_>>() {
+        assert_eq!(add.await.unwrap(), 201);
+    }
+    let (_, _, body) = call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await;
+    let mut domains: Vec<&str> =
+        body["server_domains"].as_array().unwrap().iter().map(|e| e["domain"].as_str().unwrap()).collect();
+    domains.sort();
+    let mut expected: Vec<String> = (0..16).map(|i| format!("h{i}.shop.example")).collect();
+    expected.push("api.shop.example".to_owned());
+    expected.sort();
+    assert_eq!(domains, expected);
+    assert_eq!(body["revision"].as_u64(), Some(17));
+}
+
+#[tokio::test]
+async fn apps_of_the_main_file_are_read_only_and_viewers_cannot_write() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let add = json!({"entry": "new.shop.example"});
+    let (status, _, body) = call(admin, "POST", "/v1/apps/main/server_domains", &[], Some(add.clone()), EDITOR).await;
+    assert_eq!(status, 409);
+    let message = body["error"].as_str().unwrap();
+    assert!(message.contains("gateway.toml") && message.contains("apps_dir/main.toml"), "{message}");
+    let (status, _, body) = call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(add), VIEWER).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await.0, 200);
+}
