@@ -225,3 +225,23 @@ async fn apps_of_the_main_file_are_read_only_and_viewers_cannot_write() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await.0, 200);
 }
+
+#[tokio::test]
+async fn the_app_list_is_searched_and_paged() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    for i in 0..5 {
+        let app = json!({"name": format!("Store {i}")});
+        let create = [("If-None-Match", "*")];
+        assert_eq!(call(admin, "PUT", &format!("/v1/apps/s{i}"), &create, Some(app), EDITOR).await.0, 201);
+    }
+    let (_, _, page) = call(admin, "GET", "/v1/apps?q=STORE&limit=2", &[], None, VIEWER).await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["apps"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!((ids(&page), page["next"].as_str()), (vec!["s0".to_owned(), "s1".to_owned()], Some("s1")));
+    let (_, _, page) = call(admin, "GET", "/v1/apps?q=store&limit=2&after=s3", &[], None, VIEWER).await;
+    assert_eq!((ids(&page), page["next"].as_str()), (vec!["s4".to_owned()], None));
+    let (_, _, page) = call(admin, "GET", "/v1/apps?q=hop", &[], None, VIEWER).await;
+    assert_eq!(ids(&page), ["shop"]);
+}

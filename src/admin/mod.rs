@@ -170,10 +170,17 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             Err(errors) => json_response(StatusCode::UNPROCESSABLE_ENTITY, &json!({ "error": errors.to_string() })),
         },
         (&Method::GET, "/v1/apps") => {
-            let mut apps: Vec<&App> = policy.apps().collect();
+            let query = ListQuery::parse(req.uri().query().unwrap_or(""));
+            let mut apps: Vec<&App> = policy
+                .apps()
+                .filter(|app| query.after.as_deref().is_none_or(|after| &*app.id > after))
+                .filter(|app| query.matches(app))
+                .collect();
             apps.sort_by(|a, b| a.id.cmp(&b.id));
-            let apps: Vec<AppView<'_>> = apps.into_iter().map(AppView::new).collect();
-            json_response(StatusCode::OK, &json!({ "generation": snapshot.config.generation, "apps": apps }))
+            let next = (apps.len() > query.limit).then(|| apps[query.limit - 1].id.to_string());
+            let apps: Vec<AppView<'_>> = apps.into_iter().take(query.limit).map(AppView::new).collect();
+            let body = json!({ "generation": snapshot.config.generation, "apps": apps, "next": next });
+            json_response(StatusCode::OK, &body)
         }
         (&Method::GET, p) if p.starts_with("/v1/apps/") => {
             let id = &p["/v1/apps/".len()..];
@@ -298,6 +305,34 @@ fn pac_proxy(req: &Request<Incoming>, listen: &SocketAddr, local: IpAddr) -> Str
         Some(Host::Name(name)) => format!("{name}:{}", listen.port()),
         Some(Host::Ip(ip)) => SocketAddr::new(ip, listen.port()).to_string(),
         None => SocketAddr::new(local, listen.port()).to_string(),
+    }
+}
+
+/// `GET /v1/apps?q=TEXT&limit=N&after=ID`: apps whose id or name contains `q` (any case),
+/// in id order, `limit` at a time (default 100, at most 1,000) after the id `after`.
+struct ListQuery {
+    q: Option<String>,
+    limit: usize,
+    after: Option<String>,
+}
+
+impl ListQuery {
+    fn parse(query: &str) -> ListQuery {
+        let mut list = ListQuery { q: None, limit: 100, after: None };
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*key {
+                "q" if !value.is_empty() => list.q = Some(value.to_lowercase()),
+                "limit" => list.limit = value.parse::<usize>().unwrap_or(100).clamp(1, 1_000),
+                "after" if !value.is_empty() => list.after = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        list
+    }
+
+    fn matches(&self, app: &App) -> bool {
+        let Some(q) = &self.q else { return true };
+        app.id.to_lowercase().contains(q) || app.name.as_deref().is_some_and(|name| name.to_lowercase().contains(q))
     }
 }
 
