@@ -37,6 +37,8 @@ pub struct Metrics {
     pub config_watcher_up: IntGauge,
     pub auth_failures_proxy: IntCounter,
     pub auth_failures_admin: IntCounter,
+    /// `gateway_app_changes_total{action}`: app changes applied through the admin API.
+    pub app_changes: IntCounterVec,
 }
 
 impl Metrics {
@@ -100,7 +102,12 @@ impl Metrics {
                 .expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let app_changes = IntCounterVec::new(
+            Opts::new("gateway_app_changes_total", "App changes applied through the admin API, by action."),
+            &["action"],
+        )
+        .expect("valid metric");
+        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
             Box::new(requests.clone()),
             Box::new(connections_active.clone()),
             Box::new(connections_max.clone()),
@@ -114,6 +121,7 @@ impl Metrics {
             Box::new(apps_loaded.clone()),
             Box::new(config_watcher_up.clone()),
             Box::new(auth_failures.clone()),
+            Box::new(app_changes.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -138,6 +146,7 @@ impl Metrics {
             config_watcher_up,
             auth_failures_proxy: auth_failures.with_label_values(&["proxy"]),
             auth_failures_admin: auth_failures.with_label_values(&["admin"]),
+            app_changes,
         }
     }
 

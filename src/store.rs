@@ -61,7 +61,8 @@ pub struct AppDoc {
     /// one, `null` removes it, a string sets it.
     #[serde(default, skip_serializing, deserialize_with = "some_or_null")]
     pub token: Option<Option<String>>,
-    #[serde(default, skip_deserializing)]
+    /// Shown, not taken: a write's `has_token` is ignored (`token` decides).
+    #[serde(default)]
     pub has_token: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,

@@ -33,6 +33,7 @@ async fn setup() -> (Origin, TestGateway) {
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+admin_token = "root-token"
 
 [policy]
 apps_dir = "apps"
@@ -244,4 +245,55 @@ async fn the_app_list_is_searched_and_paged() {
     assert_eq!((ids(&page), page["next"].as_str()), (vec!["s4".to_owned()], None));
     let (_, _, page) = call(admin, "GET", "/v1/apps?q=hop", &[], None, VIEWER).await;
     assert_eq!(ids(&page), ["shop"]);
+}
+
+#[tokio::test]
+async fn history_lists_every_change_and_rollback_restores_one() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let add = json!({"entry": "new.shop.example", "remark": "launch"});
+    assert_eq!(call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(add), EDITOR).await.0, 201);
+    let action = json!({"action": "report"});
+    assert_eq!(call(admin, "PUT", "/v1/apps/shop/action", &[], Some(action.clone()), EDITOR).await.0, 200);
+    // refused and dry-run writes are audited, but are no revisions
+    assert_eq!(call(admin, "PUT", "/v1/apps/shop/action", &[("If-Match", "\"1\"")], Some(action), EDITOR).await.0, 412);
+
+    let (status, _, body) = call(admin, "GET", "/v1/apps/shop/history", &[], None, VIEWER).await;
+    assert_eq!(status, 200);
+    let revisions = body["revisions"].as_array().unwrap();
+    let summary: Vec<(u64, &str, &str)> = revisions
+        .iter()
+        .map(|r| (r["revision"].as_u64().unwrap(), r["change"].as_str().unwrap(), r["user"].as_str().unwrap()))
+        .collect();
+    assert_eq!(summary, [(3, "action", "ed"), (2, "add", "ed")]);
+    assert_eq!(revisions[1]["before"]["server_domains"].as_array().unwrap().len(), 1);
+    assert_eq!(revisions[1]["after"]["server_domains"][1]["remark"], "launch");
+
+    // back to revision 2 (before the switch): an editor may not, an admin may
+    let back = json!({"revision": 2});
+    assert_eq!(call(admin, "POST", "/v1/apps/shop/rollback", &[], Some(back.clone()), EDITOR).await.0, 403);
+    let (status, _, body) = call(admin, "POST", "/v1/apps/shop/rollback", &[], Some(back), "root-token").await;
+    assert_eq!((status, body["revision"].as_u64(), body["action"].as_str()), (200, Some(4), None), "{body}");
+    assert_eq!(connect_as(gw.addr(), "shop", "x", "new.shop.example:443").await.reason(), "whitelisted");
+    let (_, _, body) = call(admin, "GET", "/v1/apps/shop/history", &[], None, VIEWER).await;
+    assert_eq!(body["revisions"][0]["change"], "rollback");
+    assert_eq!(body["revisions"][0]["user"], "admin");
+    assert_eq!(gw.metric(r#"gateway_app_changes_total{action="rollback"}"#).await, 1.0);
+    let missing = json!({"revision": 99});
+    assert_eq!(call(admin, "POST", "/v1/apps/shop/rollback", &[], Some(missing), "root-token").await.0, 404);
+
+    let audit = std::fs::read_to_string(gw.dir.path().join("apps.audit.jsonl")).unwrap();
+    let outcomes: Vec<String> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(outcomes, ["applied", "applied", "precondition_failed", "applied"]);
+    let with_token = json!({"token": "sekret-password", "server_domains": ["api.shop.example"]});
+    let create = [("If-None-Match", "*")];
+    let (status, _, body) = call(admin, "PUT", "/v1/apps/locked", &create, Some(with_token), EDITOR).await;
+    assert_eq!((status, body["has_token"].as_bool()), (201, Some(true)));
+    assert!(body.get("token").is_none(), "a token is never shown");
+    assert_eq!(connect_as(gw.addr(), "locked", "wrong", "api.shop.example:443").await.reason(), "bad_credentials");
+    let audit = std::fs::read_to_string(gw.dir.path().join("apps.audit.jsonl")).unwrap();
+    assert!(!audit.contains("sekret-password"), "no token is ever recorded");
 }

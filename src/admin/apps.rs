@@ -18,8 +18,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Body, error, json_response, read_body};
+use crate::audit::{AuditLog, Record};
 use crate::config::ConfigErrors;
 use crate::policy::Action;
+use crate::proxy::Shared;
 use crate::reload::{Reloader, Trigger};
 use crate::store::{AppDoc, EntryDoc, FileStore, Place, Store, Stored};
 
@@ -96,11 +98,32 @@ pub(crate) fn get(reloader: &Reloader, id: &str) -> Option<Response<Body>> {
     }
 }
 
+/// Who is writing, for the audit record.
+pub(crate) struct Who {
+    pub user: String,
+    pub client: String,
+}
+
+fn audit_log(reloader: &Reloader) -> Option<AuditLog> {
+    reloader.config_files().1.map(|dir| AuditLog::beside(&dir))
+}
+
+/// `GET /v1/apps/{id}/history`: the app's applied changes, newest first.
+pub(crate) fn history(reloader: &Reloader, id: &str) -> Response<Body> {
+    let records = match audit_log(reloader).map(|log| log.history(id)).transpose() {
+        Ok(records) => records.unwrap_or_default(),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the audit log: {e}")),
+    };
+    json_response(StatusCode::OK, &json!({ "revisions": records }))
+}
+
 /// Route a write under `/v1/apps/{id}`; `rest` is what follows the id.
 pub(crate) async fn write(
     req: Request<Incoming>,
+    shared: &Shared,
     reloader: &Reloader,
     lock: &WriteLock,
+    who: &Who,
     id: &str,
     rest: &str,
 ) -> Response<Body> {
@@ -128,6 +151,18 @@ pub(crate) async fn write(
             Ok(body) => Change::Action(body.action),
             Err(refusal) => return refusal,
         },
+        (&Method::POST, ["rollback"]) => match parse::<RollbackBody>(&body) {
+            Ok(RollbackBody { revision }) => {
+                let found = audit_log(reloader)
+                    .and_then(|log| log.history(id).ok())
+                    .and_then(|records| records.into_iter().find(|r| r.revision == Some(revision)));
+                match found {
+                    Some(record) => Change::Rollback(record.after.map(Box::new)),
+                    None => return error(StatusCode::NOT_FOUND, &format!("no revision {revision} of app {id:?}")),
+                }
+            }
+            Err(refusal) => return refusal,
+        },
         (&Method::POST, [list]) => match (List::parse(list), parse::<EntryBody>(&body)) {
             (Some(list), Ok(EntryBody { entry: Some(entry), remark })) => Change::Add(list, entry, remark),
             (Some(_), Ok(_)) => return error(StatusCode::BAD_REQUEST, "send {\"entry\", \"remark\"?}"),
@@ -150,7 +185,13 @@ pub(crate) async fn write(
         }
         _ => return error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed here")),
     };
-    apply(reloader, lock, id, pre, dry_run, change).await
+    apply(Write { shared, reloader, who, id, pre, dry_run }, lock, change).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    revision: u64,
 }
 
 #[derive(Deserialize)]
@@ -185,6 +226,24 @@ enum Change {
     /// Edit the entry of a list that is now the given value: its value and/or remark.
     Edit(List, String, EntryBody),
     Remove(List, String),
+    /// Restore the app as a revision left it (`None`: it was deleted then).
+    Rollback(Option<Box<AppDoc>>),
+}
+
+impl Change {
+    /// The word the audit record and `gateway_app_changes_total` use.
+    fn kind(&self, exists: bool) -> &'static str {
+        match self {
+            Change::Replace(_) if exists => "replace",
+            Change::Replace(_) => "create",
+            Change::Delete => "delete",
+            Change::Action(_) => "action",
+            Change::Add(..) => "add",
+            Change::Edit(..) => "edit",
+            Change::Remove(..) => "remove",
+            Change::Rollback(_) => "rollback",
+        }
+    }
 }
 
 /// The entries of `list`, as (value, remark) pairs.
@@ -222,6 +281,14 @@ fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<
             Ok(Some(doc))
         }
         Change::Delete => current.map(|_| None).ok_or_else(missing),
+        Change::Rollback(None) => current.map(|_| None).ok_or_else(missing),
+        Change::Rollback(Some(doc)) => {
+            let mut doc = *doc;
+            doc.id = id.to_owned();
+            doc.token = None; // a record holds no token: the current one stays
+            doc.token = Some(doc.token_after(current));
+            Ok(Some(doc))
+        }
         Change::Action(action) => {
             let mut doc = current.cloned().ok_or_else(missing)?;
             doc.action = Some(action);
@@ -276,14 +343,51 @@ fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<
     }
 }
 
-async fn apply(
-    reloader: &Reloader,
-    lock: &WriteLock,
-    id: &str,
+/// One write request: who asks what of which app.
+struct Write<'a> {
+    shared: &'a Shared,
+    reloader: &'a Reloader,
+    who: &'a Who,
+    id: &'a str,
     pre: Precondition,
     dry_run: bool,
-    change: Change,
-) -> Response<Body> {
+}
+
+impl Write<'_> {
+    /// Record the attempt in the audit log (and, when applied, in the log and the counter).
+    fn record(
+        &self,
+        kind: &str,
+        outcome: &str,
+        revision: Option<u64>,
+        before: Option<&AppDoc>,
+        after: Option<&AppDoc>,
+    ) {
+        let record = Record {
+            time: Record::now(),
+            app: self.id.to_owned(),
+            revision,
+            user: self.who.user.clone(),
+            client: self.who.client.clone(),
+            change: kind.to_owned(),
+            outcome: outcome.to_owned(),
+            before: before.cloned(),
+            after: after.cloned(),
+        };
+        if let Some(log) = audit_log(self.reloader)
+            && let Err(e) = log.append(&record)
+        {
+            tracing::error!(error = %e, file = %log.path().display(), "cannot write the audit log");
+        }
+        if outcome == "applied" {
+            self.shared.metrics.app_changes.with_label_values(&[kind]).inc();
+            tracing::info!(app = self.id, change = kind, revision, user = %self.who.user, client = %self.who.client, "app changed");
+        }
+    }
+}
+
+async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<Body> {
+    let Write { reloader, id, pre, dry_run, .. } = write;
     if !crate::policy::is_valid_app_id(id) {
         return error(StatusCode::BAD_REQUEST, "an app id is 1 to 64 characters of A-Z a-z 0-9 _ - .");
     }
@@ -314,9 +418,19 @@ async fn apply(
         response
     };
     let whole = matches!(change, Change::Replace(_) | Change::Delete);
+    let kind = change.kind(current.is_some());
+    let before = current.as_ref().map(|stored| &stored.doc);
     match (pre, revision) {
-        (Precondition::Absent, Some(current)) => return stale(Some(current)),
-        (Precondition::Revision(wanted), current) if current != Some(wanted) => return stale(current),
+        (Precondition::Absent, Some(current)) | (Precondition::Revision(_), Some(current))
+            if pre != Precondition::Revision(current) =>
+        {
+            write.record(kind, "precondition_failed", Some(current), before, None);
+            return stale(Some(current));
+        }
+        (Precondition::Revision(_), None) => {
+            write.record(kind, "precondition_failed", None, None, None);
+            return stale(None);
+        }
         (Precondition::None, _) if whole => {
             let message = "a whole-app write needs a precondition: If-Match: \"<revision>\" to replace or delete, \
                            If-None-Match: * to create";
@@ -326,13 +440,17 @@ async fn apply(
     }
     let created = current.is_none() || matches!(change, Change::Add(..));
     let no_content = matches!(change, Change::Delete | Change::Remove(..));
-    let doc = match changed(id, current.as_ref().map(|stored| &stored.doc), change) {
+    let doc = match changed(id, before, change) {
         Ok(doc) => doc,
-        Err(refusal) => return refusal,
+        Err(refusal) => {
+            write.record(kind, "refused", revision, before, None);
+            return refusal;
+        }
     };
     let next = revision.unwrap_or(0) + 1;
     let rendered = store.render(id, doc.as_ref(), next);
     if let Err(errors) = reloader.check_candidate(rendered.file.clone(), rendered.text.clone()).await {
+        write.record(kind, "invalid", revision, before, doc.as_ref());
         return invalid(&errors, &rendered);
     }
     let shown = doc.map(|mut doc| {
@@ -340,6 +458,7 @@ async fn apply(
         Stored { doc, revision: next }
     });
     if dry_run {
+        write.record(kind, "dry_run", Some(next), before, shown.as_ref().map(|stored| &stored.doc));
         let mut value = shown.as_ref().map(|s| serde_json::to_value(&s.doc).unwrap_or_default()).unwrap_or(json!(null));
         if let Some(stored) = &shown {
             value["revision"] = json!(stored.revision);
@@ -349,6 +468,7 @@ async fn apply(
     if let Err(e) = store.write(id, &rendered) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write {}: {e}", rendered.file.display()));
     }
+    write.record(kind, "applied", Some(next), before, shown.as_ref().map(|stored| &stored.doc));
     match reloader.reload(Trigger::Admin).await {
         Ok(generation) => match shown.filter(|_| !no_content) {
             Some(stored) => {

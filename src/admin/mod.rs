@@ -148,6 +148,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     };
     let needed = match (&method, path.as_str()) {
         (&Method::POST, "/-/reload") => Role::Admin,
+        (&Method::POST, p) if p.starts_with("/v1/apps/") && p.ends_with("/rollback") => Role::Admin,
         (&Method::GET, _) | (&Method::POST, "/v1/check") => Role::Viewer,
         (_, p) if p.starts_with("/v1/apps/") => Role::Editor,
         _ => Role::Viewer,
@@ -182,6 +183,10 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             let body = json!({ "generation": snapshot.config.generation, "apps": apps, "next": next });
             json_response(StatusCode::OK, &body)
         }
+        (&Method::GET, p) if p.starts_with("/v1/apps/") && p.ends_with("/history") => {
+            let id = &p["/v1/apps/".len()..p.len() - "/history".len()];
+            apps::history(reloader, id)
+        }
         (&Method::GET, p) if p.starts_with("/v1/apps/") => {
             let id = &p["/v1/apps/".len()..];
             if let Some(stored) = apps::get(reloader, id) {
@@ -196,7 +201,11 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             let rest = &p["/v1/apps/".len()..];
             let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
             let (id, rest) = (id.to_owned(), rest.to_owned());
-            apps::write(req, reloader, &caller.state.writes, &id, &rest).await
+            let who = apps::Who {
+                user: user.map_or_else(|| "anonymous".to_owned(), |user| user.name.clone()),
+                client: caller.client.to_string(),
+            };
+            apps::write(req, shared, reloader, &caller.state.writes, &who, &id, &rest).await
         }
         (&Method::POST, "/v1/check") => check(req, policy).await,
         (&Method::GET, "/proxy.pac") => {

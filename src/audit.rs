@@ -1,0 +1,154 @@
+//! The record of every change made through the management API: who, when, from where, what
+//! the app was before and after, and for refused writes why. The file store keeps it as JSON
+//! lines in one append-only file beside `apps_dir` (`apps.audit.jsonl` for `apps/`), each line
+//! written whole and synced before the write is answered; at [`ROTATE_AT`] the file moves to
+//! `….1` (replacing the previous one) and a new one begins. An app's history is read back from
+//! both. Tokens are never recorded.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::AppDoc;
+
+/// The size at which the audit file is rotated.
+pub const ROTATE_AT: u64 = 16 * 1024 * 1024;
+
+/// One change, or one refused attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub time: String,
+    pub app: String,
+    /// The revision the change made (for a refused attempt, the revision it found).
+    pub revision: Option<u64>,
+    pub user: String,
+    pub client: String,
+    /// `create`, `replace`, `delete`, `action`, `add`, `edit`, `remove`, `rollback`.
+    pub change: String,
+    /// `applied`, `dry_run`, `precondition_failed`, `invalid`, `conflict`.
+    pub outcome: String,
+    pub before: Option<AppDoc>,
+    pub after: Option<AppDoc>,
+}
+
+impl Record {
+    pub fn now() -> String {
+        humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    }
+}
+
+/// The audit file of a store.
+pub struct AuditLog {
+    path: PathBuf,
+    /// Appends one at a time, so lines never interleave.
+    append: Mutex<()>,
+}
+
+impl AuditLog {
+    /// The audit log beside `apps_dir`.
+    pub fn beside(apps_dir: &Path) -> AuditLog {
+        let name = apps_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "apps".into());
+        let path = apps_dir.with_file_name(format!("{name}.audit.jsonl"));
+        AuditLog { path, append: Mutex::new(()) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn rotated(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".1");
+        PathBuf::from(name)
+    }
+
+    /// Append `record` and sync it to disk.
+    pub fn append(&self, record: &Record) -> std::io::Result<()> {
+        let _one_at_a_time = self.append.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() >= ROTATE_AT) {
+            std::fs::rename(&self.path, self.rotated())?;
+        }
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
+        if !ends_a_line(&mut file)? {
+            line.insert(0, b'\n'); // after a line cut short by a crash: never glue onto it
+        }
+        file.write_all(&line)?;
+        file.sync_data()
+    }
+
+    /// The applied changes of `app`, newest first.
+    pub fn history(&self, app: &str) -> std::io::Result<Vec<Record>> {
+        let mut records = Vec::new();
+        for path in [self.rotated(), self.path.clone()] {
+            let file = match std::fs::File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for line in std::io::BufReader::new(file).lines() {
+                let line = line?;
+                // A line cut short by a crash is skipped, not fatal.
+                if let Ok(record) = serde_json::from_str::<Record>(&line)
+                    && record.app == app
+                    && record.outcome == "applied"
+                {
+                    records.push(record);
+                }
+            }
+        }
+        records.reverse();
+        Ok(records)
+    }
+}
+
+/// Whether `file` is empty or ends with a newline.
+fn ends_a_line(file: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(app: &str, revision: u64, outcome: &str) -> Record {
+        Record {
+            time: Record::now(),
+            app: app.into(),
+            revision: Some(revision),
+            user: "ed".into(),
+            client: "127.0.0.1:1".into(),
+            change: "replace".into(),
+            outcome: outcome.into(),
+            before: None,
+            after: None,
+        }
+    }
+
+    #[test]
+    fn history_is_an_apps_applied_changes_newest_first_across_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::beside(&dir.path().join("apps"));
+        assert_eq!(log.path(), dir.path().join("apps.audit.jsonl"));
+        log.append(&record("shop", 1, "applied")).unwrap();
+        log.append(&record("other", 1, "applied")).unwrap();
+        log.append(&record("shop", 1, "precondition_failed")).unwrap();
+        std::fs::rename(log.path(), log.rotated()).unwrap(); // as a rotation leaves it
+        log.append(&record("shop", 2, "applied")).unwrap();
+        std::fs::OpenOptions::new().append(true).open(log.path()).unwrap().write_all(b"{\"time\":\"cut sh").unwrap();
+        log.append(&record("shop", 3, "applied")).unwrap(); // after the cut line, on a line of its own
+        let revisions: Vec<Option<u64>> = log.history("shop").unwrap().iter().map(|r| r.revision).collect();
+        assert_eq!(revisions, [Some(3), Some(2), Some(1)]);
+    }
+}
