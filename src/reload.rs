@@ -205,9 +205,9 @@ impl Reloader {
 
     /// Validate the config as it would be with the `apps_dir` file `file` holding `text` (or
     /// removed), with check's rules and the apps already validated; changes nothing.
-    pub async fn check_candidate(&self, file: PathBuf, text: Option<String>) -> Result<(), ConfigErrors> {
+    pub async fn check_candidate(&self, file: PathBuf, text: Option<String>) -> Result<Config, ConfigErrors> {
         let loader = self.loader.lock().await.clone();
-        let checked = tokio::task::spawn_blocking(move || loader.load_candidate(&file, text.as_deref()).map(drop));
+        let checked = tokio::task::spawn_blocking(move || loader.load_candidate(&file, text.as_deref()));
         checked.await.unwrap_or_else(|e| {
             let message = format!("the check failed: {e}");
             Err(ConfigErrors(vec![ConfigError { path: PathBuf::new(), line: 1, col: 1, message }]))

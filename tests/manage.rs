@@ -297,3 +297,21 @@ async fn history_lists_every_change_and_rollback_restores_one() {
     let audit = std::fs::read_to_string(gw.dir.path().join("apps.audit.jsonl")).unwrap();
     assert!(!audit.contains("sekret-password"), "no token is ever recorded");
 }
+
+#[tokio::test]
+async fn a_draft_app_is_checked_without_being_saved() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let draft = json!({"app": {"id": "draft", "webview_domains": ["*.shop.example"]}, "channel": "webview", "url": "https://m.shop.example/"});
+    let (status, _, body) = call(admin, "POST", "/v1/check", &[], Some(draft), VIEWER).await;
+    assert_eq!(
+        (status, body["decision"].as_str(), body["rule"].as_str()),
+        (200, Some("allow"), Some("webview_domains[0]")),
+        "{body}"
+    );
+    let bad = json!({"app": {"id": "draft", "server_domains": ["http://x.example"]}, "url": "https://x.example/"});
+    let (status, _, body) = call(admin, "POST", "/v1/check", &[], Some(bad), VIEWER).await;
+    assert_eq!((status, body["errors"][0]["path"].as_str()), (422, Some("server_domains[0].domain")), "{body}");
+    assert!(!gw.dir.path().join("apps/draft.toml").exists());
+    assert_eq!(call(admin, "GET", "/v1/apps/draft", &[], None, VIEWER).await.0, 404);
+}

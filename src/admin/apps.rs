@@ -98,6 +98,17 @@ pub(crate) fn get(reloader: &Reloader, id: &str) -> Option<Response<Body>> {
     }
 }
 
+/// The config as it would be with the draft app `doc` saved (nothing is saved): what
+/// `POST /v1/check` decides a draft against, or `422` with its errors as field paths.
+pub(crate) async fn draft(reloader: &Reloader, doc: AppDoc) -> Result<crate::config::Config, Response<Body>> {
+    if !crate::policy::is_valid_app_id(&doc.id) {
+        return Err(error(StatusCode::BAD_REQUEST, "a draft app needs an id: 1 to 64 characters of A-Z a-z 0-9 _ - ."));
+    }
+    let rendered = store(reloader).render(&doc.id, Some(&doc), 1);
+    let file = rendered.file.clone();
+    reloader.check_candidate(file, rendered.text.clone()).await.map_err(|errors| invalid(&errors, &rendered))
+}
+
 /// Who is writing, for the audit record.
 pub(crate) struct Who {
     pub user: String,

@@ -207,7 +207,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             };
             apps::write(req, shared, reloader, &caller.state.writes, &who, &id, &rest).await
         }
-        (&Method::POST, "/v1/check") => check(req, policy).await,
+        (&Method::POST, "/v1/check") => check(req, policy, reloader).await,
         (&Method::GET, "/proxy.pac") => {
             let proxy = pac_proxy(&req, &shared.proxy_addr, caller.local.ip());
             let pac = format!(
@@ -345,10 +345,18 @@ impl ListQuery {
     }
 }
 
+/// The app of a check: an id, or a draft app (not saved).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AppRef {
+    Id(String),
+    Draft(Box<crate::store::AppDoc>),
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CheckRequest {
-    app: String,
+    app: AppRef,
     channel: Option<Channel>,
     url: Option<String>,
     api: Option<String>,
@@ -370,7 +378,7 @@ pub(crate) async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<
     }
 }
 
-async fn check(req: Request<Incoming>, policy: &crate::policy::Policy) -> Response<Body> {
+async fn check(req: Request<Incoming>, policy: &crate::policy::Policy, reloader: &Reloader) -> Response<Body> {
     let body = match read_body(req).await {
         Ok(body) => body,
         Err(refusal) => return refusal,
@@ -382,12 +390,25 @@ async fn check(req: Request<Incoming>, policy: &crate::policy::Policy) -> Respon
             return error(StatusCode::BAD_REQUEST, &message);
         }
     };
+    // A draft (an app object rather than an id) is decided as if it were saved.
+    let drafted;
+    let (policy, app_id) = match request.app {
+        AppRef::Id(id) => (policy, id),
+        AppRef::Draft(doc) => {
+            let id = doc.id.clone();
+            drafted = match apps::draft(reloader, *doc).await {
+                Ok(config) => config,
+                Err(refusal) => return refusal,
+            };
+            (&drafted.policy, id)
+        }
+    };
     match (&request.url, &request.api) {
         (Some(url), None) => {
             let channel = request.channel.unwrap_or(Channel::Request);
-            match policy.decide_url(&request.app, channel, url) {
+            match policy.decide_url(&app_id, channel, url) {
                 Ok((decision, target)) => {
-                    let app = decision.app.map_or(request.app.as_str(), |a| &a.id);
+                    let app = decision.app.map_or(app_id.as_str(), |a| &a.id);
                     json_response(
                         StatusCode::OK,
                         &json!({
@@ -402,7 +423,7 @@ async fn check(req: Request<Incoming>, policy: &crate::policy::Policy) -> Respon
             }
         }
         (None, Some(api)) => {
-            let (verdict, reason) = match policy.decide_api(&request.app, api) {
+            let (verdict, reason) = match policy.decide_api(&app_id, api) {
                 Some((verdict, reason)) => (verdict.as_str(), reason.as_str()),
                 None => (Verdict::Deny.as_str(), "unknown_app"),
             };
