@@ -9,6 +9,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod apps_cmd;
 pub mod audit;
 pub mod config;
 pub mod identity;

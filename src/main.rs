@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use miniapp_gateway::access_log::{AccessLog, LogFormat};
+use miniapp_gateway::apps_cmd::{self, Format};
 use miniapp_gateway::config::{self, DEFAULT_PATH};
 use miniapp_gateway::policy::{Channel, Verdict};
 use miniapp_gateway::proxy::Gateway;
@@ -82,6 +83,11 @@ enum Command {
         #[arg(long = "wildcard", value_name = "DOMAIN")]
         wildcards: Vec<String>,
     },
+    /// Export, compare and import apps: the GitOps and migration path.
+    Apps {
+        #[command(subcommand)]
+        action: AppsAction,
+    },
     /// Make a new admin API token, and the [[admin_user]] entry that admits it (only the
     /// token's SHA-256 goes in the config).
     Token {
@@ -111,6 +117,59 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum AppsAction {
+    /// Write every app of the config (the main file's and apps_dir's) to stdout.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// toml: [[app]] tables with tokens (a complete copy); json: as the admin API shows
+        /// apps, without tokens.
+        #[arg(long, value_enum, default_value_t = Format::Toml)]
+        format: Format,
+    },
+    /// Show what importing FILE would change, one line an app.
+    Diff {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Apps as `export` writes them (TOML or JSON).
+        file: PathBuf,
+        /// Also delete the apps FILE does not name.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Write the apps of FILE into apps_dir (one file an app, atomically, audited as user
+    /// import), after checking every change; a running gateway reloads them. Nothing is
+    /// written if any change is invalid.
+    Import {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Apps as `export` writes them (TOML or JSON).
+        file: PathBuf,
+        /// Also delete the apps FILE does not name.
+        #[arg(long)]
+        prune: bool,
+    },
+}
+
+fn apps(action: AppsAction) -> ExitCode {
+    let result = match action {
+        AppsAction::Export { config, format } => apps_cmd::export(&config.config, format),
+        AppsAction::Diff { config, file, prune } => apps_cmd::diff(&config.config, &file, prune),
+        AppsAction::Import { config, file, prune } => apps_cmd::import(&config.config, &file, prune),
+    };
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("miniapp-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn learn(log: &std::path::Path, wildcards: &[String]) -> ExitCode {
@@ -169,6 +228,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config.config),
         Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
         Command::Learn { access_log, wildcards } => learn(&access_log, &wildcards),
+        Command::Apps { action } => apps(action),
         Command::Token { name, role } => match new_token() {
             Ok(token) => {
                 let hash = hex(&config::token_sha256(&token));
@@ -312,7 +372,7 @@ fn check_descriptor_limit(max_connections: usize) {
             limit = raised;
         }
     }
-    let needed = (max_connections as u64).saturating_mul(2).saturating_add(64);
+    let needed = (max_connections as u64).saturating_mul(2);
     if limit.rlim_cur < needed {
         tracing::warn!(
             max_connections,

@@ -313,6 +313,145 @@ impl Store for FileStore {
     }
 }
 
+/// Every app of the config at `config` with its `apps_dir` (the main file's first, then each
+/// file's in name order), as documents, tokens included: what `apps export` writes.
+pub fn read_all(config: &Path, apps_dir: Option<&Path>) -> std::io::Result<Vec<AppDoc>> {
+    let mut files = vec![config.to_path_buf()];
+    if let Some(dir) = apps_dir {
+        let mut apps: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+            .collect();
+        apps.sort();
+        files.extend(apps);
+    }
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        let parsed: RawAppsFile =
+            toml::from_str(&text).map_err(|e| std::io::Error::other(format!("{}: {}", file.display(), e.message())))?;
+        docs.extend(parsed.app.iter().map(AppDoc::from_raw));
+    }
+    Ok(docs)
+}
+
+/// Apps to import: TOML `[[app]]` tables, or JSON (`{"apps": [...]}` as `apps export
+/// --format json` writes, or a bare array).
+pub fn parse_apps(text: &str) -> Result<Vec<AppDoc>, String> {
+    let trimmed = text.trim_start();
+    let json = trimmed.starts_with('{') || (trimmed.starts_with('[') && !trimmed.starts_with("[["));
+    let docs = if json {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Apps {
+            Wrapped { apps: Vec<AppDoc> },
+            Bare(Vec<AppDoc>),
+        }
+        match serde_json::from_str::<Apps>(text).map_err(|e| format!("not the JSON of apps: {e}"))? {
+            Apps::Wrapped { apps } | Apps::Bare(apps) => apps,
+        }
+    } else {
+        let parsed: RawAppsFile =
+            toml::from_str(text).map_err(|e| format!("not TOML [[app]] tables: {}", e.message()))?;
+        parsed.app.iter().map(AppDoc::from_raw).collect()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for doc in &docs {
+        if !seen.insert(doc.id.as_str()) {
+            return Err(format!("app {:?} is given twice", doc.id));
+        }
+    }
+    Ok(docs)
+}
+
+/// What importing would do to one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Create(AppDoc),
+    /// The current app, and what it becomes.
+    Replace(Box<AppDoc>, AppDoc),
+    /// With `--prune`: an app the import does not name.
+    Delete(String),
+    /// An app the store cannot write (defined in the file named).
+    ReadOnly(String, PathBuf),
+}
+
+impl AppDoc {
+    /// Equal as far as the config is concerned (`has_token` is derived; an absent token on
+    /// the incoming side means "keep").
+    fn same_as(&self, incoming: &AppDoc) -> bool {
+        let mut a = self.clone();
+        let mut b = incoming.clone();
+        a.has_token = false;
+        b.has_token = false;
+        if b.token.is_none() {
+            b.token = a.token.clone();
+        }
+        a == b
+    }
+
+    /// A one-line account of what differs from `before`, for `apps diff`.
+    pub fn describe_change(&self, before: &AppDoc) -> String {
+        let mut parts = Vec::new();
+        let lists = |a: &[EntryDoc], b: &[EntryDoc]| -> Vec<String> {
+            let mut out: Vec<String> = b.iter().filter(|e| !a.contains(e)).map(|e| format!("+{}", e.domain)).collect();
+            out.extend(a.iter().filter(|e| !b.contains(e)).map(|e| format!("-{}", e.domain)));
+            out
+        };
+        for (key, a, b) in [
+            ("server_domains", &before.server_domains, &self.server_domains),
+            ("webview_domains", &before.webview_domains, &self.webview_domains),
+        ] {
+            let changed = lists(a, b);
+            if !changed.is_empty() {
+                parts.push(format!("{key} {}", changed.join(" ")));
+            }
+        }
+        if before.api_whitelist != self.api_whitelist {
+            parts.push(format!("api_whitelist {:?} -> {:?}", before.api_whitelist, self.api_whitelist));
+        }
+        if before.action != self.action {
+            let shown = |a: Option<Action>| a.map_or("(default)", Action::as_str);
+            parts.push(format!("action {} -> {}", shown(before.action), shown(self.action)));
+        }
+        if before.name != self.name {
+            parts.push(format!("name {:?} -> {:?}", before.name, self.name));
+        }
+        if self.token.is_some() && before.token != self.token {
+            parts.push("token changed".to_owned());
+        }
+        parts.join("; ")
+    }
+}
+
+/// The steps that make the store hold `incoming` (and, with `prune`, nothing else).
+pub fn plan(store: &dyn Store, current: &[AppDoc], incoming: &[AppDoc], prune: bool) -> std::io::Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    for doc in incoming {
+        match store.place(&doc.id)? {
+            Place::Free => steps.push(Step::Create(doc.clone())),
+            Place::Writable(stored) if stored.doc.same_as(doc) => {}
+            Place::Writable(stored) => steps.push(Step::Replace(Box::new(stored.doc), doc.clone())),
+            Place::ReadOnly(file) => {
+                let unchanged = current.iter().any(|c| c.id == doc.id && c.same_as(doc));
+                if !unchanged {
+                    steps.push(Step::ReadOnly(doc.id.clone(), file));
+                }
+            }
+        }
+    }
+    if prune {
+        for doc in current.iter().filter(|c| !incoming.iter().any(|i| i.id == c.id)) {
+            match store.place(&doc.id)? {
+                Place::ReadOnly(file) => steps.push(Step::ReadOnly(doc.id.clone(), file)),
+                _ => steps.push(Step::Delete(doc.id.clone())),
+            }
+        }
+    }
+    Ok(steps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -526,3 +526,53 @@ fn certs_never_writes_through_a_symlink() {
         assert!(std::fs::read_to_string(&path).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
     }
 }
+
+#[test]
+fn apps_export_then_import_is_a_no_op_and_a_bad_import_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[policy]\napps_dir = \"apps\"\n\n[[app]]\nid = \"main\"\nserver_domains = [\"a.example\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("apps/shop.toml"),
+        "[[app]]\nid = \"shop\"\ntoken = \"t\"\nserver_domains = [{ domain = \"b.example\", remark = \"B\" }]\n",
+    )
+    .unwrap();
+    let c = config.to_str().unwrap();
+    for format in ["toml", "json"] {
+        let out = gateway(&["apps", "export", "-c", c, "--format", format]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let export = dir.path().join(format!("export.{format}"));
+        std::fs::write(&export, &out.stdout).unwrap();
+        let diff = gateway(&["apps", "diff", "-c", c, export.to_str().unwrap(), "--prune"]);
+        assert_eq!(String::from_utf8(diff.stdout).unwrap(), "0 changes\n", "{format}");
+    }
+    // a changed and a new app: the diff says so, the import makes it so
+    let text = std::fs::read_to_string(dir.path().join("export.toml")).unwrap();
+    let changed = text.replace("\"b.example\"", "\"c.example\"") + "[[app]]\nid = \"fresh\"\n";
+    let file = dir.path().join("changed.toml");
+    std::fs::write(&file, changed).unwrap();
+    let diff = gateway(&["apps", "diff", "-c", c, file.to_str().unwrap()]);
+    let diff = String::from_utf8(diff.stdout).unwrap();
+    assert_eq!(diff, "~ shop: server_domains +c.example -b.example\n+ fresh (new)\n2 changes\n");
+    let import = gateway(&["apps", "import", "-c", c, file.to_str().unwrap()]);
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    assert_eq!(String::from_utf8(gateway(&["check", "-c", c]).stdout).unwrap(), "ok: 3 apps, 2 entries\n");
+    let shop = std::fs::read_to_string(dir.path().join("apps/shop.toml")).unwrap();
+    assert!(shop.starts_with("# revision 2") && shop.contains("token = \"t\""), "{shop}");
+    assert!(std::fs::read_to_string(dir.path().join("apps.audit.jsonl")).unwrap().contains("\"user\":\"import\""));
+    // one invalid app: nothing at all is written
+    let bad = std::fs::read_to_string(&file).unwrap().replace("\"c.example\"", "\"http://d.example\"")
+        + "[[app]]\nid = \"another\"\n";
+    std::fs::write(&file, bad).unwrap();
+    let before = std::fs::read(dir.path().join("apps/shop.toml")).unwrap();
+    let import = gateway(&["apps", "import", "-c", c, file.to_str().unwrap()]);
+    assert_eq!(import.status.code(), Some(1));
+    assert!(String::from_utf8(import.stderr).unwrap().contains("only https:// and wss:// entries are allowed"));
+    assert_eq!(std::fs::read(dir.path().join("apps/shop.toml")).unwrap(), before);
+    assert!(!dir.path().join("apps/another.toml").exists());
+}

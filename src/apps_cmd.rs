@@ -1,0 +1,153 @@
+//! `miniapp-gateway apps export | diff | import`: the GitOps and migration path.
+//!
+//! `export` writes every app of a config (the main file's and `apps_dir`'s). `diff FILE` shows
+//! what importing FILE would change, and `import FILE` makes it so, directly in the store (the
+//! `apps_dir` files, each write atomic and audited as user `import`); a running gateway picks
+//! the files up like any other edit. Nothing is written unless every change validates with
+//! check's rules; apps not in FILE are kept unless `--prune` is given.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::audit::{AuditLog, Record};
+use crate::config::{self, Config};
+use crate::store::{AppDoc, FileStore, Place, Step, Store, parse_apps, plan, read_all};
+
+/// How `apps export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `[[app]]` tables, tokens included: a complete copy.
+    Toml,
+    /// `{"apps": [...]}` as the admin API shows apps (no tokens: `has_token` instead).
+    Json,
+}
+
+fn load(config_path: &Path) -> Result<Config, String> {
+    config::load(config_path).map_err(|errors| format!("invalid config:\n{errors}"))
+}
+
+/// Every app of the config, in `format`.
+pub fn export(config_path: &Path, format: Format) -> Result<String, String> {
+    let config = load(config_path)?;
+    let docs = read_all(&config.path, config.apps_dir.as_deref()).map_err(|e| e.to_string())?;
+    Ok(match format {
+        Format::Json => {
+            let docs: Vec<AppDoc> = docs
+                .into_iter()
+                .map(|mut doc| {
+                    doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
+                    doc
+                })
+                .collect();
+            let mut text = serde_json::to_string_pretty(&serde_json::json!({ "apps": docs })).unwrap_or_default();
+            text.push('\n');
+            text
+        }
+        Format::Toml => {
+            let store = FileStore::new(&config.path, config.apps_dir.as_deref());
+            let mut text = String::new();
+            for doc in &docs {
+                let rendered = store.render(&doc.id, Some(doc), 1);
+                // each app without the revision line the store adds to its own files
+                let body = rendered.text.unwrap_or_default();
+                text.push_str(body.split_once('\n').map_or("", |(_, rest)| rest));
+                text.push('\n');
+            }
+            text
+        }
+    })
+}
+
+/// The steps importing `file` would take.
+fn steps(config: &Config, file: &Path, prune: bool) -> Result<(FileStore, Vec<Step>), String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let incoming = parse_apps(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let current = read_all(&config.path, config.apps_dir.as_deref()).map_err(|e| e.to_string())?;
+    let store = FileStore::new(&config.path, config.apps_dir.as_deref());
+    let steps = plan(&store, &current, &incoming, prune).map_err(|e| e.to_string())?;
+    Ok((store, steps))
+}
+
+/// What importing `file` would change, one line an app; the last line counts them.
+pub fn diff(config_path: &Path, file: &Path, prune: bool) -> Result<String, String> {
+    let config = load(config_path)?;
+    let (_, steps) = steps(&config, file, prune)?;
+    let mut out = String::new();
+    for step in &steps {
+        let _ = match step {
+            Step::Create(doc) => writeln!(out, "+ {} (new)", doc.id),
+            Step::Replace(before, after) => writeln!(out, "~ {}: {}", after.id, after.describe_change(before)),
+            Step::Delete(id) => writeln!(out, "- {id}"),
+            Step::ReadOnly(id, file) => writeln!(out, "! {id}: defined in {}, not written by import", file.display()),
+        };
+    }
+    let _ = writeln!(out, "{} change{}", steps.len(), if steps.len() == 1 { "" } else { "s" });
+    Ok(out)
+}
+
+/// Import `file`: validate every change, then write them; returns what was done.
+pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, String> {
+    let config = load(config_path)?;
+    let (store, steps) = steps(&config, file, prune)?;
+    if let Some(Step::ReadOnly(id, defined)) = steps.iter().find(|s| matches!(s, Step::ReadOnly(..))) {
+        return Err(format!(
+            "app {id:?} is defined in {}, which import does not write: move it to apps_dir/{id}.toml first",
+            defined.display()
+        ));
+    }
+    let loader = config::Loader::new(&config.path);
+    let mut writes = Vec::new();
+    let mut problems = String::new();
+    for step in &steps {
+        let (id, doc, before) = match step {
+            Step::Create(doc) => (doc.id.as_str(), Some(doc), None),
+            Step::Replace(before, doc) => (doc.id.as_str(), Some(doc), Some(before.as_ref())),
+            Step::Delete(id) => (id.as_str(), None, None),
+            Step::ReadOnly(..) => continue,
+        };
+        let (revision, current) = match store.place(id).map_err(|e| e.to_string())? {
+            Place::Writable(stored) => (stored.revision, Some(stored.doc)),
+            _ => (0, None),
+        };
+        let doc = doc.map(|doc| {
+            let mut doc = doc.clone();
+            doc.token = Some(doc.token_after(current.as_ref()));
+            doc
+        });
+        let rendered = store.render(id, doc.as_ref(), revision + 1);
+        if let Err(errors) = loader.load_candidate(&rendered.file, rendered.text.as_deref()) {
+            let _ = writeln!(problems, "{errors}");
+        }
+        writes.push((id.to_owned(), rendered, before.cloned().or(current), doc, revision + 1));
+    }
+    if !problems.is_empty() {
+        return Err(format!("nothing was imported:\n{}", problems.trim_end()));
+    }
+    let audit = config.apps_dir.as_deref().map(AuditLog::beside);
+    let mut out = String::new();
+    for (id, rendered, before, after, revision) in &writes {
+        store.write(id, rendered).map_err(|e| format!("cannot write {}: {e}", rendered.file.display()))?;
+        let change = match (before, after) {
+            (None, _) => "create",
+            (_, None) => "delete",
+            _ => "replace",
+        };
+        if let Some(audit) = &audit {
+            let record = Record {
+                time: Record::now(),
+                app: id.clone(),
+                revision: Some(*revision),
+                user: "import".to_owned(),
+                client: "cli".to_owned(),
+                change: change.to_owned(),
+                outcome: "applied".to_owned(),
+                before: before.clone(),
+                after: after.clone(),
+            };
+            audit.append(&record).map_err(|e| format!("cannot write the audit log: {e}"))?;
+        }
+        let _ = writeln!(out, "{change} {id} (revision {revision})");
+    }
+    let _ = writeln!(out, "{} change{} imported", writes.len(), if writes.len() == 1 { "" } else { "s" });
+    Ok(out)
+}
