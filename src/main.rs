@@ -229,6 +229,12 @@ fn main() -> ExitCode {
         Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
         Command::Learn { access_log, wildcards } => learn(&access_log, &wildcards),
         Command::Apps { action } => apps(action),
+        Command::Token { name, .. }
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_graphic()) =>
+        {
+            eprintln!("miniapp-gateway: a user's name is 1 to 64 printable ASCII characters, without spaces");
+            ExitCode::from(2)
+        }
         Command::Token { name, role } => match new_token() {
             Ok(token) => {
                 let hash = hex(&config::token_sha256(&token));

@@ -105,6 +105,7 @@ server_domains = ["*.blackhole.example", "api.shop.example"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_name_server_stalls_nothing_else() {
+    raise_open_files_limit(5_000); // 600 CONNECTs, their accepted sockets, and DNS sockets
     let origin = Origin::start(&["api.shop.example"]).await;
     let hole = BlackHole::start().await;
     let gw = TestGateway::start(&config(hole.addr, origin.addr)).await;

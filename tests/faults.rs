@@ -314,35 +314,23 @@ async fn failed_authentication_is_rate_limited_per_address_and_app() {
     };
     assert_eq!((limited.status, limited.reason()), (429, "auth_rate_limited"));
     assert!(failures >= 10);
-    let right = connect_as(gw.addr(), "demo", "one", "api.shop.example:443").await;
-    assert_eq!(right.reason(), "auth_rate_limited", "even a right guess waits");
-    assert!(right.headers.contains_key("retry-after"));
-    assert_eq!(gw.metric(r#"gateway_auth_failures_total{listener="proxy"}"#).await, f64::from(failures));
-    // another app from the same address is not held up
-    assert_eq!(connect_as(gw.addr(), "shop", "x", "api.shop.example:443").await.status, 200);
     // plain HTTP is no way around it
     let plain = format!(
         "GET http://api.shop.example/ HTTP/1.1\r\nHost: api.shop.example\r\nProxy-Authorization: {}\r\n\r\n",
         basic("demo", "one")
     );
     assert_eq!(send_raw(gw.addr(), &plain).await.reason(), "auth_rate_limited");
+    let right = connect_as(gw.addr(), "demo", "one", "api.shop.example:443").await;
+    assert_eq!(right.reason(), "auth_rate_limited", "even a right guess waits");
+    assert!(right.headers.contains_key("retry-after"));
+    assert_eq!(gw.metric(r#"gateway_auth_failures_total{listener="proxy"}"#).await, f64::from(failures));
+    // another app from the same address is not held up
+    assert_eq!(connect_as(gw.addr(), "shop", "x", "api.shop.example:443").await.status, 200);
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert_eq!(connect_as(gw.addr(), "demo", "one", "api.shop.example:443").await.status, 200);
 }
 
 // ---- the admin listener ----
-
-/// Make room for `wanted` open files in this test process (the soft limit is often 1,024).
-fn raise_open_files_limit(wanted: u64) {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
 
 #[tokio::test]
 async fn stalled_admin_bodies_cannot_hold_the_gateway() {

@@ -171,7 +171,7 @@ fn unknown_key_place(document: &toml::de::DeTable<'_>, path: &str) -> (Range<usi
 
 /// 64 hex digits as 32 bytes.
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.is_ascii() {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut hash = [0u8; 32];
@@ -550,6 +550,9 @@ impl Validator {
                     token.span(),
                     "admin_token must not be empty (remove it to disable admin authentication)",
                 );
+            } else if token.get_ref().trim() != token.get_ref() {
+                // Clients' bearer tokens are read trimmed: this one could never match.
+                self.error(main, token.span(), "admin_token must not begin or end with whitespace");
             }
             token.get_ref().clone()
         });
@@ -616,11 +619,13 @@ impl Validator {
                 self.error(main, user.role.span(), "role must be viewer, editor or admin");
                 Role::Viewer
             });
-            let Some(hash) = parse_sha256(user.token_sha256.get_ref()) else {
+            let Some(hash) = parse_sha256(user.token_sha256.get_ref()).filter(|hash| *hash != super::token_sha256(""))
+            else {
                 self.error(
                     main,
                     user.token_sha256.span(),
-                    "token_sha256 must be 64 hex digits: the SHA-256 of the token (`miniapp-gateway token` makes both)",
+                    "token_sha256 must be 64 hex digits, the SHA-256 of a token that is not empty (`miniapp-gateway \
+                     token` makes both)",
                 );
                 continue;
             };
@@ -1034,7 +1039,7 @@ id = "demo"
                 r#"gw.toml:10:8: admin user "admin" is already admin_token's user; name this one otherwise"#,
                 "gw.toml:11:16: two admin users have the same token",
                 "gw.toml:12:8: role must be viewer, editor or admin",
-                "gw.toml:16:16: token_sha256 must be 64 hex digits: the SHA-256 of the token (`miniapp-gateway token` makes both)",
+                "gw.toml:16:16: token_sha256 must be 64 hex digits, the SHA-256 of a token that is not empty (`miniapp-gateway token` makes both)",
             ]
         );
         let text = format!(

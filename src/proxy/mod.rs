@@ -137,7 +137,7 @@ impl Gateway {
         metrics.register(Box::new(log.dropped_counter()));
         metrics.connections_max.set(config.limits.max_connections as i64);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
-        let resolver = Resolver::new(&config.dns)
+        let resolver = Resolver::new(&config.dns, config.limits.connect_timeout)
             .map_err(|e| io::Error::other(format!("cannot set up DNS ([dns] or /etc/resolv.conf): {e}")))?;
         let snapshot = Snapshot::new(config, &metrics);
         crate::reload::publish(&metrics, &snapshot);

@@ -15,6 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -100,22 +101,29 @@ struct State {
 
 impl Resolver {
     /// Ask `dns.nameservers`, or the system's name servers (resolv.conf) when none are set;
-    /// the hosts file first either way.
-    pub fn new(dns: &Dns) -> Result<Resolver, NetError> {
+    /// the hosts file first either way. A query waits at most half of `connect_timeout` for
+    /// an answer before it is sent again, so one lost datagram does not fail the lookup.
+    pub fn new(dns: &Dns, connect_timeout: Duration) -> Result<Resolver, NetError> {
         let with_servers = |servers: &[SocketAddr]| {
             let config = ResolverConfig::from_name_servers(servers.iter().map(|addr| name_server(*addr)).collect());
             TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
         };
         let mut builder = if dns.nameservers.is_empty() {
-            TokioResolver::builder_tokio().unwrap_or_else(|e| {
-                // What the C library does without a usable resolv.conf: ask the local host.
-                tracing::warn!(error = %e, "no usable /etc/resolv.conf; asking a name server on 127.0.0.1:53");
-                with_servers(&[SocketAddr::from(([127, 0, 0, 1], 53))])
-            })
+            match TokioResolver::builder_tokio() {
+                Ok(builder) => builder,
+                // What the C library does without resolv.conf, or with one that names no
+                // server: ask the local host. A resolv.conf that names servers but cannot be
+                // read is an error, not a reason to ask elsewhere.
+                Err(e) if !names_a_server(Path::new("/etc/resolv.conf")) => {
+                    tracing::warn!(error = %e, "no name server in /etc/resolv.conf; asking 127.0.0.1:53");
+                    with_servers(&[SocketAddr::from(([127, 0, 0, 1], 53))])
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             with_servers(&dns.nameservers)
         };
-        tune(builder.options_mut());
+        tune(builder.options_mut(), connect_timeout);
         Ok(Resolver::around(builder.build()?))
     }
 
@@ -174,14 +182,20 @@ impl Resolver {
     }
 
     async fn query(&self, host: &str, deadline: Instant) -> Answer {
+        let started = Instant::now();
         let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.slots.acquire()).await else {
             return Err(LookupError::Busy);
         };
+        // A lookup left less than half its time by the wait for a slot says little about the
+        // name: its timeout is not remembered against it.
+        let fair =
+            deadline.saturating_duration_since(Instant::now()) * 2 >= deadline.saturating_duration_since(started);
         // Fully qualified: the name is asked as it is, never with a search domain appended.
         let mut name = Name::from_ascii(host).map_err(|e| LookupError::Failed(e.to_string().into()))?;
         name.set_fqdn(true);
         match tokio::time::timeout_at(deadline, self.dns.lookup_ip(name)).await {
-            Err(_) => Err(LookupError::TimedOut),
+            Err(_) if fair => Err(LookupError::TimedOut),
+            Err(_) => Err(LookupError::Busy),
             Ok(Err(e)) => Err(LookupError::Failed(e.to_string().into())),
             Ok(Ok(found)) => {
                 let ips: Vec<IpAddr> = found.iter().collect();
@@ -238,9 +252,16 @@ impl Drop for Leader<'_> {
 /// Options on top of resolv.conf's (or the defaults): the hosts file first, as getaddrinfo
 /// does; A and AAAA asked in parallel, IPv4 addresses tried first, since the dial tries them
 /// in order within one deadline and an unroutable IPv6 path would spend it.
-fn tune(options: &mut ResolverOpts) {
+fn tune(options: &mut ResolverOpts, connect_timeout: Duration) {
     options.use_hosts_file = ResolveHosts::Always;
+    options.timeout = options.timeout.min(connect_timeout / 2).max(Duration::from_millis(100));
     options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+}
+
+/// Whether a resolv.conf names a name server.
+fn names_a_server(resolv_conf: &Path) -> bool {
+    std::fs::read_to_string(resolv_conf)
+        .is_ok_and(|text| text.lines().any(|line| line.trim_start().starts_with("nameserver")))
 }
 
 /// A `[dns]` name server: UDP, and TCP for answers too long for a datagram, on its port.
@@ -474,7 +495,7 @@ mod tests {
     }
 
     fn resolver(stub: &StubDns) -> Arc<Resolver> {
-        Arc::new(Resolver::new(&Dns { nameservers: vec![stub.addr] }).unwrap())
+        Arc::new(Resolver::new(&Dns { nameservers: vec![stub.addr] }, Duration::from_secs(5)).unwrap())
     }
 
     fn in_ms(ms: u64) -> Instant {
@@ -507,7 +528,7 @@ mod tests {
     #[tokio::test]
     async fn askers_of_one_name_take_one_lookup_slot() {
         let stub = StubDns::start(Behaviour::OnlyAlive).await;
-        let mut resolver = Resolver::new(&Dns { nameservers: vec![stub.addr] }).unwrap();
+        let mut resolver = Resolver::new(&Dns { nameservers: vec![stub.addr] }, Duration::from_secs(5)).unwrap();
         resolver.slots = Semaphore::new(2);
         let resolver = Arc::new(resolver);
         let mut crowd = JoinSet::new();
@@ -550,7 +571,7 @@ mod tests {
         let search = Name::from_ascii("corp.local.").unwrap();
         let config = ResolverConfig::from_parts(Some(search.clone()), vec![search], vec![name_server(stub.addr)]);
         let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
-        tune(builder.options_mut());
+        tune(builder.options_mut(), Duration::from_secs(5));
         let resolver = Resolver::around(builder.build().unwrap());
         assert!(matches!(resolver.lookup("api.shop.example", in_ms(2_000)).await, Err(LookupError::Failed(_))));
         let names: Vec<String> = stub.queries().into_iter().map(|(name, _)| name).collect();
@@ -579,7 +600,7 @@ mod tests {
     #[tokio::test]
     async fn a_lookup_that_finds_no_free_slot_is_not_remembered() {
         let stub = StubDns::start(Behaviour::Silent).await;
-        let mut resolver = Resolver::new(&Dns { nameservers: vec![stub.addr] }).unwrap();
+        let mut resolver = Resolver::new(&Dns { nameservers: vec![stub.addr] }, Duration::from_secs(5)).unwrap();
         resolver.slots = Semaphore::new(1);
         let resolver = Arc::new(resolver);
         let holder = {

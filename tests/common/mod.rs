@@ -545,3 +545,15 @@ pub fn client_hello(name: &str) -> Vec<u8> {
     conn.write_tls(&mut out).unwrap();
     out
 }
+
+/// Make room for `wanted` open files in this test process (the soft limit is often 1,024).
+pub fn raise_open_files_limit(wanted: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
