@@ -303,9 +303,23 @@ fn shipped_config_on_port_0() -> String {
     text.replace("admin_listen = \"127.0.0.1:9090\"", "admin_listen = \"127.0.0.1:0\"")
 }
 
+/// A gateway on the shipped config (its apps_dir copied beside it), on port 0.
+async fn shipped_gateway() -> TestGateway {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    let shipped_apps = concat!(env!("CARGO_MANIFEST_DIR"), "/config/apps");
+    for file in std::fs::read_dir(shipped_apps).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), dir.path().join("apps").join(file.file_name())).unwrap();
+    }
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, shipped_config_on_port_0()).unwrap();
+    TestGateway::start_at(dir, path).await
+}
+
 #[tokio::test]
 async fn the_shipped_config_answers_the_readme_admin_examples() {
-    let gw = TestGateway::start(&shipped_config_on_port_0()).await;
+    let gw = shipped_gateway().await;
     let admin = gw.admin();
     let (status, _, body) = admin_request(admin, "GET", "/healthz", None, None).await;
     assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
@@ -390,4 +404,57 @@ fn the_token_command_prints_a_token_and_the_entry_that_admits_it() {
     let user = &config.server.admin_users[0];
     assert_eq!((user.name.as_str(), user.role), ("alice", miniapp_gateway::config::Role::Editor));
     assert_eq!(user.token_sha256, miniapp_gateway::config::token_sha256(token));
+}
+
+/// An admin request with a body and extra headers, on the shipped config (no token).
+async fn send_admin(admin: std::net::SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> Answer {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    send_raw(admin, &request).await
+}
+
+#[tokio::test]
+async fn the_shipped_config_answers_the_readme_management_examples() {
+    let gw = shipped_gateway().await;
+    let admin = gw.admin();
+    let created = send_admin(
+        admin,
+        "PUT",
+        "/v1/apps/news",
+        "If-None-Match: *\r\n",
+        r#"{"name":"News","server_domains":[{"domain":"https://api.news.example","remark":"feed"}]}"#,
+    )
+    .await;
+    assert_eq!((created.status, created.json()["revision"].as_u64()), (201, Some(1)));
+    let add = r#"{"entry":"https://img.news.example","remark":"images"}"#;
+    assert_eq!(send_admin(admin, "POST", "/v1/apps/news/server_domains", "", add).await.status, 201);
+    let plain =
+        send_admin(admin, "POST", "/v1/apps/news/server_domains", "", r#"{"entry":"http://plain.news.example"}"#).await;
+    assert_eq!((plain.status, plain.json()["errors"][0]["path"].as_str()), (422, Some("server_domains[2].domain")));
+    let dry = send_admin(
+        admin,
+        "POST",
+        "/v1/apps/news/server_domains?dry_run=true",
+        "",
+        r#"{"entry":"https://cdn.news.example"}"#,
+    )
+    .await;
+    assert_eq!((dry.status, dry.json()["dry_run"].as_bool()), (200, Some(true)));
+    let path = "/v1/apps/news/server_domains/https%3A%2F%2Fimg.news.example";
+    assert_eq!(send_admin(admin, "DELETE", path, "", "").await.status, 204);
+    let action = send_admin(admin, "PUT", "/v1/apps/news/action", "", r#"{"action":"report"}"#).await;
+    assert_eq!((action.status, action.json()["revision"].as_u64()), (200, Some(4)));
+    let stale = send_admin(admin, "PUT", "/v1/apps/news", "If-Match: \"1\"\r\n", r#"{"name":"News"}"#).await;
+    assert_eq!((stale.status, stale.json()["revision"].as_u64()), (412, Some(4)));
+    let history = send_admin(admin, "GET", "/v1/apps/news/history", "", "").await.json();
+    let changes: Vec<&str> =
+        history["revisions"].as_array().unwrap().iter().map(|r| r["change"].as_str().unwrap()).collect();
+    assert_eq!(changes, ["action", "remove", "add", "create"]);
+    let back = send_admin(admin, "POST", "/v1/apps/news/rollback", "", r#"{"revision":2}"#).await;
+    assert_eq!((back.status, back.json()["revision"].as_u64()), (200, Some(5)));
+    assert_eq!(back.json()["server_domains"][1]["remark"], "images");
+    let file = std::fs::read_to_string(gw.dir.path().join("apps/news.toml")).unwrap();
+    assert!(file.starts_with("# revision 5: kept by the admin API"), "{file}");
 }
