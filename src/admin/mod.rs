@@ -45,7 +45,11 @@ use crate::proxy::Shared;
 use crate::reload::{Reloader, Trigger};
 use crate::throttle::AuthThrottle;
 
-/// Request bodies (only `/v1/check` has one) are small JSON documents.
+/// The OpenAPI document of every `/v1` route (`src/admin/openapi.json`, checked against the
+/// running gateway by `tests/openapi.rs`).
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// Request bodies are small JSON documents.
 pub const MAX_BODY: usize = 64 * 1024;
 /// Admin connections served at once; a connection beyond it is closed unread.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -212,6 +216,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             apps::write(req, shared, reloader, &caller.state.writes, &who, &id, &rest).await
         }
         (&Method::POST, "/v1/check") => check(req, policy, reloader).await,
+        (&Method::GET, "/v1/openapi.json") => respond(StatusCode::OK, "application/json", OPENAPI.as_bytes().to_vec()),
         (&Method::GET, "/proxy.pac") => {
             let proxy = pac_proxy(&req, &shared.proxy_addr, caller.local.ip());
             let pac = format!(
@@ -452,6 +457,8 @@ struct AppView<'a> {
     name: Option<&'a str>,
     action: &'static str,
     has_token: bool,
+    /// The policy's view has no revision (the store's does: `GET /v1/apps/{id}`).
+    revision: Option<u64>,
     server_domains: Vec<EntryView>,
     webview_domains: Vec<EntryView>,
     api_whitelist: BTreeSet<&'a str>,
@@ -476,6 +483,7 @@ impl<'a> AppView<'a> {
             name: app.name.as_deref(),
             action: app.action.as_str(),
             has_token: app.token.is_some(),
+            revision: None,
             server_domains: entries(&app.server_domains),
             webview_domains: entries(&app.webview_domains),
             api_whitelist: app.api_whitelist.iter().map(|a| &**a).collect(),

@@ -1,0 +1,211 @@
+//! The OpenAPI document against the running gateway: every documented route is called, every
+//! answer's status must be one the document lists for that route, and every JSON answer must
+//! fit the schema the document gives for it.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// `#/components/...` references resolved in `doc`.
+fn resolve<'a>(doc: &'a Value, value: &'a Value) -> &'a Value {
+    match value.get("$ref").and_then(Value::as_str) {
+        Some(reference) => {
+            let pointer = reference.trim_start_matches('#');
+            resolve(doc, doc.pointer(pointer).unwrap_or_else(|| panic!("dangling {reference}")))
+        }
+        None => value,
+    }
+}
+
+/// Whether `value` fits `schema` (the subset of JSON Schema the document uses); the reason
+/// when it does not.
+fn fits(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    let schema = resolve(doc, schema);
+    if value.is_null() && schema.get("nullable") == Some(&json!(true)) {
+        return Ok(());
+    }
+    if let Some(options) = schema.get("oneOf").and_then(Value::as_array) {
+        return if options.iter().any(|option| fits(doc, option, value, at).is_ok()) {
+            Ok(())
+        } else {
+            Err(format!("{at}: {value} fits none of oneOf"))
+        };
+    }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        return Err(format!("{at}: {value} is not one of {allowed:?}"));
+    }
+    let Some(kind) = schema.get("type").and_then(Value::as_str) else { return Ok(()) };
+    let matches = match kind {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "integer" => value.is_u64() || value.is_i64(),
+        "boolean" => value.is_boolean(),
+        other => panic!("schema type {other} at {at}"),
+    };
+    if !matches {
+        return Err(format!("{at}: {value} is not a {kind}"));
+    }
+    if let Some(object) = value.as_object() {
+        for required in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+            let name = required.as_str().unwrap();
+            if !object.contains_key(name) {
+                return Err(format!("{at}: required {name} missing from {value}"));
+            }
+        }
+        let properties = schema.get("properties").and_then(Value::as_object);
+        for (name, item) in object {
+            match properties.and_then(|p| p.get(name)) {
+                Some(property) => fits(doc, property, item, &format!("{at}.{name}"))?,
+                None if schema.get("additionalProperties") == Some(&json!(false)) => {
+                    return Err(format!("{at}: {name} is not documented"));
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(schema)) = (value.as_array(), schema.get("items")) {
+        for (i, item) in items.iter().enumerate() {
+            fits(doc, schema, item, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One request, checked against the document: its (template, method) must be documented, the
+/// status listed, the request body fit the documented one and the answer its schema.
+struct Contract {
+    doc: Value,
+    admin: SocketAddr,
+    called: BTreeSet<(String, String)>,
+}
+
+impl Contract {
+    async fn call(&mut self, method: &str, template: &str, path: &str, headers: &str, body: Option<Value>) -> u16 {
+        let operation = self.doc["paths"][template]
+            .get(method.to_lowercase())
+            .unwrap_or_else(|| panic!("{method} {template} is not documented"))
+            .clone();
+        if let Some(body) = &body {
+            let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
+            fits(&self.doc, schema, body, "request").unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            self.admin,
+            body.len()
+        );
+        let answer = send_raw(self.admin, &request).await;
+        let status = answer.status.to_string();
+        let documented = resolve(
+            &self.doc,
+            operation["responses"].get(&status).unwrap_or_else(|| {
+                panic!("{method} {path} answered {status}, not documented: {}", String::from_utf8_lossy(&answer.body))
+            }),
+        );
+        if let Some(schema) = documented.pointer("/content/application~1json/schema") {
+            let value: Value = serde_json::from_slice(&answer.body)
+                .unwrap_or_else(|e| panic!("{method} {path} answered {status} without JSON: {e}"));
+            fits(&self.doc, schema, &value, "answer").unwrap_or_else(|e| panic!("{method} {path} ({status}): {e}"));
+        }
+        self.called.insert((template.to_owned(), method.to_lowercase()));
+        answer.status
+    }
+}
+
+#[tokio::test]
+async fn every_route_answers_as_the_openapi_document_says() {
+    let origin = Origin::start(&["api.shop.example"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    std::fs::write(
+        dir.path().join("apps/shop.toml"),
+        "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n",
+    )
+    .unwrap();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[policy]\napps_dir = \"apps\"\n\n\
+         [resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\n",
+        origin.addr
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = TestGateway::start_at(dir, path).await;
+
+    let (status, _, served) = admin_request(gw.admin(), "GET", "/v1/openapi.json", None, None).await;
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_slice(&served).unwrap();
+    let committed: Value = serde_json::from_str(include_str!("../src/admin/openapi.json")).unwrap();
+    assert_eq!(doc, committed, "the served document is the committed one");
+    let mut api = Contract { doc, admin: gw.admin(), called: BTreeSet::new() };
+
+    let app = "/v1/apps/{id}";
+    let list = "/v1/apps/{id}/{list}";
+    let entry = "/v1/apps/{id}/{list}/{entry}";
+    assert_eq!(api.call("GET", "/v1/apps", "/v1/apps?q=o&limit=1", "", None).await, 200);
+    assert_eq!(api.call("GET", app, "/v1/apps/shop", "", None).await, 200);
+    assert_eq!(api.call("GET", app, "/v1/apps/main", "", None).await, 200);
+    assert_eq!(api.call("GET", app, "/v1/apps/ghost", "", None).await, 404);
+    let fresh =
+        json!({"name": "Fresh", "server_domains": ["api.shop.example", {"domain": "b.example", "remark": "B"}]});
+    assert_eq!(api.call("PUT", app, "/v1/apps/fresh", "", Some(fresh.clone())).await, 428);
+    assert_eq!(
+        api.call("PUT", app, "/v1/apps/fresh?dry_run=true", "If-None-Match: *\r\n", Some(fresh.clone())).await,
+        200
+    );
+    assert_eq!(api.call("PUT", app, "/v1/apps/fresh", "If-None-Match: *\r\n", Some(fresh.clone())).await, 201);
+    assert_eq!(api.call("PUT", app, "/v1/apps/fresh", "If-Match: \"9\"\r\n", Some(fresh.clone())).await, 412);
+    assert_eq!(api.call("PUT", app, "/v1/apps/fresh", "If-Match: \"1\"\r\n", Some(fresh)).await, 200);
+    let bad = json!({"server_domains": ["http://b.example"]});
+    assert_eq!(api.call("PUT", app, "/v1/apps/fresh", "If-Match: \"2\"\r\n", Some(bad)).await, 422);
+    assert_eq!(api.call("PUT", app, "/v1/apps/main", "If-Match: \"1\"\r\n", Some(json!({}))).await, 409);
+    assert_eq!(
+        api.call("PUT", "/v1/apps/{id}/action", "/v1/apps/fresh/action", "", Some(json!({"action": "report"}))).await,
+        200
+    );
+    let add = json!({"entry": "c.example", "remark": "C"});
+    assert_eq!(api.call("POST", list, "/v1/apps/fresh/server_domains", "", Some(add.clone())).await, 201);
+    assert_eq!(api.call("POST", list, "/v1/apps/fresh/server_domains", "", Some(add)).await, 409);
+    assert_eq!(
+        api.call("POST", list, "/v1/apps/fresh/api_whitelist", "", Some(json!({"entry": "shop.pay"}))).await,
+        201
+    );
+    let edit = json!({"remark": null});
+    assert_eq!(api.call("PUT", entry, "/v1/apps/fresh/server_domains/c.example", "", Some(edit.clone())).await, 200);
+    assert_eq!(api.call("PUT", entry, "/v1/apps/fresh/server_domains/z.example", "", Some(edit)).await, 404);
+    assert_eq!(api.call("DELETE", entry, "/v1/apps/fresh/server_domains/c.example", "", None).await, 204);
+    assert_eq!(api.call("GET", "/v1/apps/{id}/history", "/v1/apps/fresh/history", "", None).await, 200);
+    let rollback = "/v1/apps/{id}/rollback";
+    assert_eq!(api.call("POST", rollback, "/v1/apps/fresh/rollback", "", Some(json!({"revision": 1}))).await, 200);
+    assert_eq!(api.call("POST", rollback, "/v1/apps/fresh/rollback", "", Some(json!({"revision": 99}))).await, 404);
+    let check = json!({"app": "fresh", "channel": "request", "url": "https://b.example/"});
+    assert_eq!(api.call("POST", "/v1/check", "/v1/check", "", Some(check)).await, 200);
+    let draft = json!({"app": {"id": "draft", "server_domains": ["d.example"]}, "api": "shop.pay"});
+    assert_eq!(api.call("POST", "/v1/check", "/v1/check", "", Some(draft)).await, 200);
+    assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "", None).await, 428);
+    assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "If-Match: \"8\"\r\n", None).await, 204);
+    assert_eq!(api.call("GET", "/v1/openapi.json", "/v1/openapi.json", "", None).await, 200);
+
+    let documented: BTreeSet<(String, String)> = api.doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| *k != "parameters")
+                .map(|method| (path.clone(), method.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let missed: Vec<_> = documented.difference(&api.called).collect();
+    assert!(missed.is_empty(), "documented but never called: {missed:?}");
+}
