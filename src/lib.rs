@@ -6,6 +6,11 @@
 //! against one immutable snapshot of the [`config`]. Only then does the proxy resolve and
 //! connect ([`proxy::upstream`]), answer `200`, and splice bytes ([`proxy::tunnel`]). Every
 //! decision, allowed or refused, leaves one line in the [`access_log`].
+//!
+//! Beside the hot path, the [`admin`] listener serves metrics, health and the management
+//! API. App edits go to a [`store`] (recorded in the [`audit`] log) and reach the proxy only
+//! through [`reload`], which validates a new snapshot beside the running one, swaps it in, and
+//! re-decides the open tunnels it may refuse.
 
 pub mod access_log;
 pub mod admin;
