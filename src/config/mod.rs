@@ -1,7 +1,7 @@
 //! Configuration: the TOML schema, its validation into typed values, and loading.
 //!
 //! [`load`] reads the config file and every `*.toml` in its `apps_dir`, deserializes them with
-//! spans ([`schema`]), and validates everything in one pass ([`validate`]), collecting every
+//! spans ([`schema`]), and validates everything in one pass (`validate`), collecting every
 //! error as `PATH:LINE:COL: message` rather than stopping at the first. A [`Config`] that comes
 //! out is complete and consistent; nothing downstream re-checks it.
 
@@ -250,7 +250,7 @@ const MAX_READS: usize = 20;
 
 /// Read a config file that a writer may be in the middle of (`render > gateway.toml`
 /// truncates first and writes after). A file is taken once it is the same size and age before
-/// and after the read, and either has not been modified for [`SETTLED_AGE`] or reads the same
+/// and after the read, and either has not been modified for `SETTLED_AGE` or reads the same
 /// twice in a row; otherwise it is read again. Files at rest, the usual case, are read once.
 pub fn read_settled(path: &Path) -> std::io::Result<String> {
     let stamp = |meta: &std::fs::Metadata| (meta.len(), meta.modified().ok());

@@ -5,7 +5,7 @@
 //! finish for `shutdown_grace`, closes what is left and returns. Each accepted connection
 //! takes a `max_connections` permit first (or is answered `503 overloaded` unread), is served
 //! by hyper's HTTP/1.1 server with upgrades, and each request goes through
-//! [`connect::handle`] against one [`Snapshot`] of the live config.
+//! `connect::handle` against one [`Snapshot`] of the live config.
 
 pub mod client_hello;
 mod connect;
