@@ -136,7 +136,7 @@ async fn apps_are_listed_without_their_tokens() {
     assert_eq!(
         demo,
         serde_json::json!({
-            "id": "demo", "name": "Demo shop", "action": "enforce", "has_token": true,
+            "id": "demo", "name": "Demo shop", "action": "enforce", "has_token": true, "revision": null,
             "server_domains": [
                 {"domain": "api.shop.example", "remark": null},
                 {"domain": "img.shop.example:8443", "remark": "image CDN"}
