@@ -105,28 +105,37 @@ pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, St
             Step::Delete(id) => (id.as_str(), None, None),
             Step::ReadOnly(..) => continue,
         };
-        let (revision, current) = match store.place(id).map_err(|e| e.to_string())? {
-            Place::Writable(stored) => (stored.revision, Some(stored.doc)),
-            _ => (0, None),
+        let (revision, current, read) = match store.place(id).map_err(|e| e.to_string())? {
+            Place::Writable(stored) => (stored.revision, Some(stored.doc), Some(stored.text)),
+            _ => (0, None, None),
         };
         let doc = doc.map(|doc| {
             let mut doc = doc.clone();
             doc.token = Some(doc.token_after(current.as_ref()));
             doc
         });
+        if let Some(doc) = &doc
+            && doc.has_token
+            && doc.token.as_ref().is_none_or(Option::is_none)
+        {
+            let _ = writeln!(problems, "app {id:?} had a token, which a JSON export does not hold: import TOML");
+            continue;
+        }
         let rendered = store.render(id, doc.as_ref(), revision + 1);
         if let Err(errors) = loader.load_candidate(&rendered.file, rendered.text.as_deref()) {
             let _ = writeln!(problems, "{errors}");
         }
-        writes.push((id.to_owned(), rendered, before.cloned().or(current), doc, revision + 1));
+        writes.push((id.to_owned(), rendered, before.cloned().or(current), doc, revision + 1, read));
     }
     if !problems.is_empty() {
         return Err(format!("nothing was imported:\n{}", problems.trim_end()));
     }
     let audit = config.apps_dir.as_deref().map(AuditLog::beside);
     let mut out = String::new();
-    for (id, rendered, before, after, revision) in &writes {
-        store.write(id, rendered).map_err(|e| format!("cannot write {}: {e}", rendered.file.display()))?;
+    for (id, rendered, before, after, revision, read) in &writes {
+        store
+            .write(id, rendered, read.as_deref())
+            .map_err(|e| format!("cannot write {}: {e}", rendered.file.display()))?;
         let change = match (before, after) {
             (None, _) => "create",
             (_, None) => "delete",

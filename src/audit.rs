@@ -1,9 +1,9 @@
 //! The record of every change made through the management API: who, when, from where, what
 //! the app was before and after, and for refused writes why. The file store keeps it as JSON
 //! lines in one append-only file beside `apps_dir` (`apps.audit.jsonl` for `apps/`), each line
-//! written whole and synced before the write is answered; at [`ROTATE_AT`] the file moves to
-//! `….1` (replacing the previous one) and a new one begins. An app's history is read back from
-//! both. Tokens are never recorded.
+//! written whole and synced before the change is made; at [`ROTATE_AT`] the file moves to the
+//! next free `….N` (1, 2, …: none is ever deleted) and a new one begins. An app's history is
+//! read back from all of them. Tokens are never recorded.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -59,18 +59,30 @@ impl AuditLog {
         &self.path
     }
 
-    fn rotated(&self) -> PathBuf {
+    /// The `n`th rotated file.
+    fn rotated(&self, n: u32) -> PathBuf {
         let mut name = self.path.as_os_str().to_owned();
-        name.push(".1");
+        name.push(format!(".{n}"));
         PathBuf::from(name)
+    }
+
+    /// The rotated files, oldest first.
+    fn rotations(&self) -> Vec<PathBuf> {
+        (1..).map(|n| self.rotated(n)).take_while(|path| path.exists()).collect()
+    }
+
+    fn sync_dir(&self) -> std::io::Result<()> {
+        std::fs::File::open(self.path.parent().unwrap_or(Path::new(".")))?.sync_all()
     }
 
     /// Append `record` and sync it to disk.
     pub fn append(&self, record: &Record) -> std::io::Result<()> {
         let _one_at_a_time = self.append.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() >= ROTATE_AT) {
-            std::fs::rename(&self.path, self.rotated())?;
+            let next = u32::try_from(self.rotations().len()).unwrap_or(u32::MAX - 1) + 1;
+            std::fs::rename(&self.path, self.rotated(next))?;
         }
+        let new_file = !self.path.exists();
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
@@ -78,13 +90,20 @@ impl AuditLog {
             line.insert(0, b'\n'); // after a line cut short by a crash: never glue onto it
         }
         file.write_all(&line)?;
-        file.sync_data()
+        file.sync_data()?;
+        if new_file {
+            self.sync_dir()?; // a new file (after a rotation, too) is a change of the directory
+        }
+        Ok(())
     }
 
-    /// The applied changes of `app`, newest first.
+    /// The applied changes of `app`, newest first. A change is recorded `applied` before it is
+    /// made; one that then failed (`conflict`, `write_failed`, `reload_failed`, recorded with
+    /// the same revision) is left out.
     pub fn history(&self, app: &str) -> std::io::Result<Vec<Record>> {
         let mut records = Vec::new();
-        for path in [self.rotated(), self.path.clone()] {
+        let mut undone = std::collections::HashSet::new();
+        for path in self.rotations().into_iter().chain([self.path.clone()]) {
             let file = match std::fs::File::open(&path) {
                 Ok(file) => file,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -93,14 +112,18 @@ impl AuditLog {
             for line in std::io::BufReader::new(file).lines() {
                 let line = line?;
                 // A line cut short by a crash is skipped, not fatal.
-                if let Ok(record) = serde_json::from_str::<Record>(&line)
-                    && record.app == app
-                    && record.outcome == "applied"
-                {
-                    records.push(record);
+                let Ok(record) = serde_json::from_str::<Record>(&line) else { continue };
+                if record.app != app {
+                    continue;
+                }
+                match record.outcome.as_str() {
+                    "applied" => records.push(record),
+                    "conflict" | "write_failed" | "reload_failed" => drop(undone.insert(record.revision)),
+                    _ => {}
                 }
             }
         }
+        records.retain(|record| !undone.contains(&record.revision));
         records.reverse();
         Ok(records)
     }
@@ -144,7 +167,7 @@ mod tests {
         log.append(&record("shop", 1, "applied")).unwrap();
         log.append(&record("other", 1, "applied")).unwrap();
         log.append(&record("shop", 1, "precondition_failed")).unwrap();
-        std::fs::rename(log.path(), log.rotated()).unwrap(); // as a rotation leaves it
+        std::fs::rename(log.path(), log.rotated(1)).unwrap(); // as a rotation leaves it
         log.append(&record("shop", 2, "applied")).unwrap();
         std::fs::OpenOptions::new().append(true).open(log.path()).unwrap().write_all(b"{\"time\":\"cut sh").unwrap();
         log.append(&record("shop", 3, "applied")).unwrap(); // after the cut line, on a line of its own

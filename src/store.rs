@@ -8,6 +8,7 @@
 //! anywhere else (the main config, a file holding several apps) are read-only through it.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -50,7 +51,7 @@ impl From<EntryInput> for EntryDoc {
 }
 
 /// An app as the API shows and takes it: the `[[app]]` table of the config.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppDoc {
     #[serde(default)]
@@ -72,7 +73,24 @@ pub struct AppDoc {
     pub webview_domains: Vec<EntryDoc>,
     #[serde(default)]
     pub api_whitelist: Vec<String>,
+    /// What a `GET` shows besides the app (its revision, the generation after a write): taken
+    /// and ignored, so that an app read can be written back as it is.
+    #[serde(default, rename = "revision", skip_serializing)]
+    pub ignored_revision: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "generation", skip_serializing)]
+    pub ignored_generation: Option<serde::de::IgnoredAny>,
 }
+
+impl PartialEq for AppDoc {
+    fn eq(&self, other: &AppDoc) -> bool {
+        (&self.id, &self.name, &self.token, self.has_token, self.action)
+            == (&other.id, &other.name, &other.token, other.has_token, other.action)
+            && (&self.server_domains, &self.webview_domains, &self.api_whitelist)
+                == (&other.server_domains, &other.webview_domains, &other.api_whitelist)
+    }
+}
+
+impl Eq for AppDoc {}
 
 /// `"token": null` as `Some(None)`, distinct from an absent field (`None`).
 fn some_or_null<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Option<String>>, D::Error> {
@@ -84,6 +102,8 @@ fn some_or_null<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Option
 pub struct Stored {
     pub doc: AppDoc,
     pub revision: u64,
+    /// The file's text as read: a write is refused if it changed meanwhile (a hand edit).
+    pub text: String,
 }
 
 /// Where an app is defined, as far as writes are concerned.
@@ -105,8 +125,18 @@ pub trait Store: Send + Sync {
     /// What the store would write for `doc` at `revision`: checked by the caller before it
     /// is written (`None`: the app is removed).
     fn render(&self, id: &str, doc: Option<&AppDoc>, revision: u64) -> Rendered;
-    /// Make `rendered` the app's definition; returns the file it went to.
-    fn write(&self, id: &str, rendered: &Rendered) -> std::io::Result<()>;
+    /// Make `rendered` the app's definition, if the app is still as `read` (its file's text
+    /// then; `None`: it had none). A change made meanwhile is [`WriteError::Changed`].
+    fn write(&self, id: &str, rendered: &Rendered, read: Option<&str>) -> Result<(), WriteError>;
+}
+
+/// Why a write was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("the app's file changed since it was read (an edit by hand?)")]
+    Changed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// An app's definition as text, with the field path of each line (so that a validation error
@@ -125,7 +155,7 @@ impl Rendered {
     /// The field path of a validation error at `line` with `message`.
     pub fn field_at(&self, line: usize, message: &str) -> String {
         let path = line.checked_sub(1).and_then(|i| self.lines.get(i)).cloned().unwrap_or_default();
-        if path.ends_with("].domain") && message.contains("remark") {
+        if path.ends_with("].domain") && message.starts_with("the remark of") {
             return path.replace("].domain", "].remark");
         }
         path
@@ -176,13 +206,26 @@ impl FileStore {
     }
 }
 
-/// The revision a file's first line records; 1 for a file without one (written by hand).
+/// The revision of a file: the one its first line records when the rest is what the store
+/// wrote (the line also holds the rest's SHA-256); one more when it was edited by hand since;
+/// 1 for a file the store never wrote.
 fn revision_of(text: &str) -> u64 {
-    text.lines()
-        .next()
-        .and_then(|line| line.strip_prefix(REVISION_MARK))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .unwrap_or(1)
+    let (first, rest) = text.split_once('\n').unwrap_or((text, ""));
+    let Some(mark) = first.strip_prefix(REVISION_MARK) else { return 1 };
+    let revision: Option<u64> = mark.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok());
+    let Some(revision) = revision else { return 1 };
+    let written = mark.split_whitespace().nth(1).and_then(|field| field.strip_prefix("sha256="));
+    if written.is_some_and(|hash| hash.trim_end_matches(':') == body_hash(rest)) {
+        revision
+    } else {
+        revision.saturating_add(1)
+    }
+}
+
+/// The first 16 hex digits of the SHA-256 of a file's body (all but its first line).
+fn body_hash(body: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, body.as_bytes());
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn entry_docs(entries: Option<&crate::config::schema::SpannedList<RawEntry>>) -> Vec<EntryDoc> {
@@ -210,6 +253,8 @@ impl AppDoc {
             server_domains: entry_docs(raw.server_domains.as_ref()),
             webview_domains: entry_docs(raw.webview_domains.as_ref()),
             api_whitelist: raw.api_whitelist.iter().flatten().map(|api| api.get_ref().clone()).collect(),
+            ignored_revision: None,
+            ignored_generation: None,
         }
     }
 
@@ -222,9 +267,24 @@ impl AppDoc {
     }
 }
 
-/// A TOML string literal (quoted and escaped).
+/// A TOML basic string on one line: quoted, with `\`, `"` and every control character
+/// escaped (each rendered value stays on the line its field path names).
 fn quoted(text: &str) -> String {
-    toml::Value::String(text.to_owned()).to_string()
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 impl Store for FileStore {
@@ -237,7 +297,8 @@ impl Store for FileStore {
                         && app.id.get_ref() == id
                     {
                         let doc = AppDoc::from_raw(app);
-                        return Ok(Place::Writable(Stored { doc, revision: revision_of(&text) }));
+                        let revision = revision_of(&text);
+                        return Ok(Place::Writable(Stored { doc, revision, text }));
                     }
                     return Ok(Place::ReadOnly(file));
                 }
@@ -262,7 +323,7 @@ impl Store for FileStore {
             text.push('\n');
             lines.push(path.to_owned());
         };
-        line(&mut text, format!("{REVISION_MARK}{revision}: kept by the admin API; edits by hand are fine"), "");
+        line(&mut text, String::new(), ""); // the revision line, written below over the body
         line(&mut text, "[[app]]".to_owned(), "");
         line(&mut text, format!("id = {}", quoted(&doc.id)), "id");
         if let Some(name) = &doc.name {
@@ -290,27 +351,67 @@ impl Store for FileStore {
             line(&mut text, format!("  {},", quoted(api)), &format!("api_whitelist[{i}]"));
         }
         line(&mut text, "]".to_owned(), "api_whitelist");
+        let body = &text[1..];
+        let header = format!(
+            "{REVISION_MARK}{revision} sha256={}: kept by the admin API; edits by hand are fine (comments are not kept)",
+            body_hash(body)
+        );
+        let text = format!("{header}{text}");
         Rendered { file, text: Some(text), lines }
     }
 
-    fn write(&self, _id: &str, rendered: &Rendered) -> std::io::Result<()> {
+    fn write(&self, _id: &str, rendered: &Rendered, read: Option<&str>) -> Result<(), WriteError> {
         let dir = rendered.file.parent().unwrap_or(Path::new("."));
+        // Held from the check to the rename: another process writing this store (an import, a
+        // replica on a shared volume) waits, and a hand edit made since the read is not lost.
+        let _lock = lock_dir(dir)?;
+        let now = match std::fs::read_to_string(&rendered.file) {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        if now.as_deref() != read {
+            return Err(WriteError::Changed);
+        }
         match &rendered.text {
             None => std::fs::remove_file(&rendered.file)?,
             Some(text) => {
-                // Not `*.toml`: a reload never reads it half-written.
+                // Not `*.toml`: a reload never reads it half-written. A new name each time,
+                // created new, owner-only (the file may hold the app's proxy password).
                 let name = rendered.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-                let mut file = std::fs::File::create(&temp)?;
+                let mut nonce = [0u8; 8];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+                    .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
+                let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+                let temp = dir.join(format!(".{name}.{nonce}.tmp"));
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&temp)?;
                 let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
                 if let Err(e) = written.and_then(|()| std::fs::rename(&temp, &rendered.file)) {
                     let _ = std::fs::remove_file(&temp);
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
     }
+}
+
+/// An exclusive lock on `dir/.lock` (flock), held until dropped.
+pub fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(".lock"))?;
+    // SAFETY: flock only takes the descriptor, which `file` keeps open.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// Every app of the config at `config` with its `apps_dir` (the main file's first, then each
@@ -478,6 +579,8 @@ mod tests {
             ],
             webview_domains: vec![],
             api_whitelist: vec!["shop.pay".into()],
+            ignored_revision: None,
+            ignored_generation: None,
         }
     }
 
@@ -485,14 +588,48 @@ mod tests {
     fn a_rendered_app_reads_back_the_same_with_its_revision() {
         let (_dir, store) = store();
         let rendered = store.render("shop", Some(&doc()), 7);
-        store.write("shop", &rendered).unwrap();
+        store.write("shop", &rendered, None).unwrap();
         let Place::Writable(stored) = store.place("shop").unwrap() else { panic!("not writable") };
         let mut expected = doc();
         expected.has_token = true;
-        assert_eq!(stored, Stored { doc: expected, revision: 7 });
-        assert_eq!(rendered.field_at(9, "the remark of x is too long"), "server_domains[1].remark");
+        assert_eq!((&stored.doc, stored.revision), (&expected, 7));
+        assert_eq!(Some(&stored.text), rendered.text.as_ref());
+        // every value on its own line, the remark with its newline escaped
+        assert_eq!(
+            rendered.field_at(9, "the remark of \"x\" is longer than 200 characters"),
+            "server_domains[1].remark"
+        );
+        assert_eq!(
+            rendered.field_at(9, "\"http://remark.example\" in server_domains: only https://"),
+            "server_domains[1].domain"
+        );
         assert_eq!(rendered.field_at(8, "bad"), "server_domains[0].domain");
         assert_eq!(rendered.field_at(3, "bad"), "id");
+    }
+
+    #[test]
+    fn a_hand_edit_is_a_new_revision_and_is_never_written_over() {
+        let (dir, store) = store();
+        let file = dir.path().join("apps/shop.toml");
+        store.write("shop", &store.render("shop", Some(&doc()), 3), None).unwrap();
+        let Place::Writable(read) = store.place("shop").unwrap() else { panic!() };
+        // edited by hand after the read
+        let edited = format!("{}# a note by hand\n", read.text);
+        std::fs::write(&file, &edited).unwrap();
+        let Place::Writable(now) = store.place("shop").unwrap() else { panic!() };
+        assert_eq!(now.revision, 4, "the revision line no longer matches the body");
+        let next = store.render("shop", Some(&doc()), 4);
+        assert!(matches!(store.write("shop", &next, Some(&read.text)), Err(WriteError::Changed)));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), edited, "the hand edit is kept");
+        store.write("shop", &next, Some(&now.text)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600, "it may hold a token");
+        let leftovers = std::fs::read_dir(dir.path().join("apps"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]
@@ -506,25 +643,5 @@ mod tests {
         std::fs::write(dir.path().join("apps/hand.toml"), "[[app]]\nid = \"hand\"\n").unwrap();
         let Place::Writable(stored) = store.place("hand").unwrap() else { panic!() };
         assert_eq!(stored.revision, 1);
-    }
-
-    #[test]
-    fn a_failed_write_leaves_the_old_file_whole() {
-        let (dir, store) = store();
-        store.write("shop", &store.render("shop", Some(&doc()), 1)).unwrap();
-        let before = std::fs::read(dir.path().join("apps/shop.toml")).unwrap();
-        // the rename fails (its target is a directory now): nothing is lost, nothing left over
-        let mut rendered = store.render("shop", Some(&doc()), 2);
-        rendered.file = dir.path().join("apps/taken");
-        std::fs::create_dir(&rendered.file).unwrap();
-        std::fs::write(rendered.file.join("x"), "").unwrap();
-        assert!(store.write("shop", &rendered).is_err());
-        assert_eq!(std::fs::read(dir.path().join("apps/shop.toml")).unwrap(), before);
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("apps"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-            .collect();
-        assert!(leftovers.is_empty());
     }
 }

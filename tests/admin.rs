@@ -456,5 +456,5 @@ async fn the_shipped_config_answers_the_readme_management_examples() {
     assert_eq!((back.status, back.json()["revision"].as_u64()), (200, Some(5)));
     assert_eq!(back.json()["server_domains"][1]["remark"], "images");
     let file = std::fs::read_to_string(gw.dir.path().join("apps/news.toml")).unwrap();
-    assert!(file.starts_with("# revision 5: kept by the admin API"), "{file}");
+    assert!(file.starts_with("# revision 5 sha256="), "{file}");
 }

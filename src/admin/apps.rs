@@ -23,7 +23,7 @@ use crate::config::ConfigErrors;
 use crate::policy::Action;
 use crate::proxy::Shared;
 use crate::reload::{Reloader, Trigger};
-use crate::store::{AppDoc, EntryDoc, FileStore, Place, Store, Stored};
+use crate::store::{AppDoc, EntryDoc, FileStore, Place, Store, Stored, WriteError};
 
 /// One write at a time: a precondition is checked and the write made under the same lock.
 pub(crate) type WriteLock = tokio::sync::Mutex<()>;
@@ -92,6 +92,9 @@ fn store(reloader: &Reloader) -> FileStore {
 /// `GET /v1/apps/{id}` for an app the store can write: its document and revision. `None`
 /// for apps it cannot (the caller shows the policy's view).
 pub(crate) fn get(reloader: &Reloader, id: &str) -> Option<Response<Body>> {
+    if !crate::policy::is_valid_app_id(id) {
+        return None; // never a path outside apps_dir
+    }
     match store(reloader).place(id) {
         Ok(Place::Writable(stored)) => Some(app_response(StatusCode::OK, &stored, None)),
         _ => None,
@@ -103,6 +106,9 @@ pub(crate) fn get(reloader: &Reloader, id: &str) -> Option<Response<Body>> {
 pub(crate) async fn draft(reloader: &Reloader, doc: AppDoc) -> Result<crate::config::Config, Response<Body>> {
     if !crate::policy::is_valid_app_id(&doc.id) {
         return Err(error(StatusCode::BAD_REQUEST, "a draft app needs an id: 1 to 64 characters of A-Z a-z 0-9 _ - ."));
+    }
+    if reloader.config_files().1.is_none() {
+        return Err(error(StatusCode::CONFLICT, "checking a draft app needs an apps_dir in the config"));
     }
     let rendered = store(reloader).render(&doc.id, Some(&doc), 1);
     let file = rendered.file.clone();
@@ -121,6 +127,9 @@ fn audit_log(reloader: &Reloader) -> Option<AuditLog> {
 
 /// `GET /v1/apps/{id}/history`: the app's applied changes, newest first.
 pub(crate) fn history(reloader: &Reloader, id: &str) -> Response<Body> {
+    if !crate::policy::is_valid_app_id(id) {
+        return error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
+    }
     let records = match audit_log(reloader).map(|log| log.history(id)).transpose() {
         Ok(records) => records.unwrap_or_default(),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the audit log: {e}")),
@@ -138,7 +147,15 @@ pub(crate) async fn write(
     id: &str,
     rest: &str,
 ) -> Response<Body> {
-    let dry_run = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "dry_run=true"));
+    let mut dry_run = false;
+    for (key, value) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+        match (&*key, &*value) {
+            ("dry_run", "true") => dry_run = true,
+            ("dry_run", "false") => dry_run = false,
+            ("dry_run", _) => return error(StatusCode::BAD_REQUEST, "dry_run is true or false"),
+            _ => {}
+        }
+    }
     let pre = match precondition(&req) {
         Ok(pre) => pre,
         Err(refusal) => return refusal,
@@ -373,7 +390,7 @@ impl Write<'_> {
         revision: Option<u64>,
         before: Option<&AppDoc>,
         after: Option<&AppDoc>,
-    ) {
+    ) -> std::io::Result<()> {
         let record = Record {
             time: Record::now(),
             app: self.id.to_owned(),
@@ -389,11 +406,13 @@ impl Write<'_> {
             && let Err(e) = log.append(&record)
         {
             tracing::error!(error = %e, file = %log.path().display(), "cannot write the audit log");
+            return Err(e);
         }
         if outcome == "applied" {
             self.shared.metrics.app_changes.with_label_values(&[kind]).inc();
             tracing::info!(app = self.id, change = kind, revision, user = %self.who.user, client = %self.who.client, "app changed");
         }
+        Ok(())
     }
 }
 
@@ -435,11 +454,11 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         (Precondition::Absent, Some(current)) | (Precondition::Revision(_), Some(current))
             if pre != Precondition::Revision(current) =>
         {
-            write.record(kind, "precondition_failed", Some(current), before, None);
+            let _ = write.record(kind, "precondition_failed", Some(current), None, None);
             return stale(Some(current));
         }
         (Precondition::Revision(_), None) => {
-            write.record(kind, "precondition_failed", None, None, None);
+            let _ = write.record(kind, "precondition_failed", None, None, None);
             return stale(None);
         }
         (Precondition::None, _) if whole => {
@@ -454,32 +473,60 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     let doc = match changed(id, before, change) {
         Ok(doc) => doc,
         Err(refusal) => {
-            write.record(kind, "refused", revision, before, None);
+            let _ = write.record(kind, "refused", revision, None, None);
             return refusal;
         }
     };
-    let next = revision.unwrap_or(0) + 1;
+    // Never a revision number the app had before, even after it was deleted (the audit log
+    // remembers the highest) or when its file lost its first line.
+    let audited = audit_log(reloader).and_then(|log| log.history(id).ok()).and_then(|h| h.first()?.revision);
+    let next = revision.max(audited).unwrap_or(0).saturating_add(1);
+    if let Some(doc) = &doc
+        && doc.has_token
+        && doc.token.as_ref().is_none_or(Option::is_none)
+    {
+        // A rollback or import of an app that had a token, where none is left to keep.
+        let _ = write.record(kind, "refused", revision, None, None);
+        let message = "the app had a token, which records do not keep: send it (\"token\") to restore the app";
+        return error(StatusCode::UNPROCESSABLE_ENTITY, message);
+    }
     let rendered = store.render(id, doc.as_ref(), next);
     if let Err(errors) = reloader.check_candidate(rendered.file.clone(), rendered.text.clone()).await {
-        write.record(kind, "invalid", revision, before, doc.as_ref());
+        let _ = write.record(kind, "invalid", revision, None, None);
         return invalid(&errors, &rendered);
     }
     let shown = doc.map(|mut doc| {
         doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
-        Stored { doc, revision: next }
+        Stored { doc, revision: next, text: String::new() }
     });
     if dry_run {
-        write.record(kind, "dry_run", Some(next), before, shown.as_ref().map(|stored| &stored.doc));
+        let _ = write.record(kind, "dry_run", Some(next), None, None);
         let mut value = shown.as_ref().map(|s| serde_json::to_value(&s.doc).unwrap_or_default()).unwrap_or(json!(null));
         if let Some(stored) = &shown {
             value["revision"] = json!(stored.revision);
         }
         return json_response(StatusCode::OK, &json!({ "dry_run": true, "app": value }));
     }
-    if let Err(e) = store.write(id, &rendered) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write {}: {e}", rendered.file.display()));
+    // Recorded before it is made: a change is never in force without its record.
+    if let Err(e) = write.record(kind, "applied", Some(next), before, shown.as_ref().map(|stored| &stored.doc)) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot write the audit log, so nothing changed: {e}"),
+        );
     }
-    write.record(kind, "applied", Some(next), before, shown.as_ref().map(|stored| &stored.doc));
+    let read = current.as_ref().map(|stored| stored.text.as_str());
+    match store.write(id, &rendered, read) {
+        Ok(()) => {}
+        Err(WriteError::Changed) => {
+            let _ = write.record(kind, "conflict", Some(next), None, None);
+            let message = "the app's file changed since it was read (an edit by hand?): read it again and retry";
+            return error(StatusCode::CONFLICT, message);
+        }
+        Err(e) => {
+            let _ = write.record(kind, "write_failed", Some(next), None, None);
+            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write {}: {e}", rendered.file.display()));
+        }
+    }
     match reloader.reload(Trigger::Admin).await {
         Ok(generation) => match shown.filter(|_| !no_content) {
             Some(stored) => {
@@ -493,10 +540,16 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
                 response
             }
         },
-        Err(errors) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("written to {}, but the reload failed:\n{errors}", rendered.file.display()),
-        ),
+        Err(errors) => {
+            // Not in force, so not kept: the file goes back to what it was.
+            let restored = match current.as_ref() {
+                Some(stored) => std::fs::write(&rendered.file, &stored.text),
+                None => std::fs::remove_file(&rendered.file),
+            };
+            let _ = write.record(kind, "reload_failed", Some(next), None, None);
+            let kept = if restored.is_ok() { "the change was undone" } else { "and undoing it failed too" };
+            error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the reload failed ({kept}):\n{errors}"))
+        }
     }
 }
 
