@@ -315,3 +315,29 @@ async fn a_draft_app_is_checked_without_being_saved() {
     assert!(!gw.dir.path().join("apps/draft.toml").exists());
     assert_eq!(call(admin, "GET", "/v1/apps/draft", &[], None, VIEWER).await.0, 404);
 }
+
+#[tokio::test]
+async fn revisions_are_never_reused_and_tokens_never_restored_from_records() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let create = [("If-None-Match", "*")];
+    let locked = json!({"token": "pw", "server_domains": ["api.shop.example"]});
+    assert_eq!(call(admin, "PUT", "/v1/apps/y", &create, Some(locked), EDITOR).await.0, 201);
+    assert_eq!(call(admin, "DELETE", "/v1/apps/y", &[("If-Match", "\"1\"")], None, EDITOR).await.0, 204);
+    // restoring revision 1 would bring the app back without its token: refused
+    let (status, _, body) =
+        call(admin, "POST", "/v1/apps/y/rollback", &[], Some(json!({"revision": 1})), "root-token").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(connect_as(gw.addr(), "y", "anything", "api.shop.example:443").await.reason(), "unknown_app");
+    // created again, it does not start over at revision 1
+    let (status, headers, _) = call(admin, "PUT", "/v1/apps/y", &create, Some(json!({"token": "pw2"})), EDITOR).await;
+    assert_eq!((status, headers["etag"].as_str()), (201, "\"3\""));
+    // what a GET shows can be written back as it is
+    let (_, _, shown) = call(admin, "GET", "/v1/apps/y", &[], None, VIEWER).await;
+    let (status, _, body) = call(admin, "PUT", "/v1/apps/y", &[("If-Match", "\"3\"")], Some(shown), EDITOR).await;
+    assert_eq!((status, body["has_token"].as_bool()), (200, Some(true)), "{body}");
+    // a dry run is asked for exactly
+    let add = json!({"entry": "new.shop.example"});
+    assert_eq!(call(admin, "POST", "/v1/apps/y/server_domains?dry_run=1", &[], Some(add), EDITOR).await.0, 400);
+    assert_eq!(connect_as(gw.addr(), "y", "pw2", "new.shop.example:443").await.reason(), "not_whitelisted");
+}
