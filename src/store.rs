@@ -184,16 +184,8 @@ impl FileStore {
     /// The first file (the main config, then `apps_dir` in order) that defines `id`.
     fn defining_file(&self, id: &str) -> std::io::Result<Option<PathBuf>> {
         let mut files = vec![self.config.clone()];
-        if let Some(dir) = &self.apps_dir
-            && let Ok(listing) = std::fs::read_dir(dir)
-        {
-            let mut apps: Vec<PathBuf> = listing
-                .filter_map(Result::ok)
-                .map(|entry| entry.path())
-                .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
-                .collect();
-            apps.sort();
-            files.extend(apps);
+        if let Some(dir) = &self.apps_dir {
+            files.extend(apps_files(dir).unwrap_or_default());
         }
         for file in files {
             let Ok(text) = std::fs::read_to_string(&file) else { continue };
@@ -402,6 +394,17 @@ impl Store for FileStore {
     }
 }
 
+/// The `*.toml` files of `apps_dir`, in name order.
+fn apps_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// An exclusive lock on `dir/.lock` (flock), held until dropped.
 pub fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
@@ -419,13 +422,7 @@ pub fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
 pub fn read_all(config: &Path, apps_dir: Option<&Path>) -> std::io::Result<Vec<AppDoc>> {
     let mut files = vec![config.to_path_buf()];
     if let Some(dir) = apps_dir {
-        let mut apps: Vec<PathBuf> = std::fs::read_dir(dir)?
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
-            .collect();
-        apps.sort();
-        files.extend(apps);
+        files.extend(apps_files(dir)?);
     }
     let mut docs = Vec::new();
     for file in files {
