@@ -265,7 +265,8 @@ async fn history_lists_every_change_and_rollback_restores_one() {
         .iter()
         .map(|r| (r["revision"].as_u64().unwrap(), r["change"].as_str().unwrap(), r["user"].as_str().unwrap()))
         .collect();
-    assert_eq!(summary, [(3, "action", "ed"), (2, "add", "ed")]);
+    // shop.toml was written by hand: its first revision is a change by `file`
+    assert_eq!(summary, [(3, "action", "ed"), (2, "add", "ed"), (1, "create", "file")]);
     assert_eq!(revisions[1]["before"]["server_domains"].as_array().unwrap().len(), 1);
     assert_eq!(revisions[1]["after"]["server_domains"][1]["remark"], "launch");
 
@@ -287,7 +288,7 @@ async fn history_lists_every_change_and_rollback_restores_one() {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap()["outcome"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(outcomes, ["applied", "applied", "precondition_failed", "applied"]);
+    assert_eq!(outcomes, ["applied", "applied", "applied", "precondition_failed", "applied"]);
     let with_token = json!({"token": "sekret-password", "server_domains": ["api.shop.example"]});
     let create = [("If-None-Match", "*")];
     let (status, _, body) = call(admin, "PUT", "/v1/apps/locked", &create, Some(with_token), EDITOR).await;
@@ -340,4 +341,40 @@ async fn revisions_are_never_reused_and_tokens_never_restored_from_records() {
     let add = json!({"entry": "new.shop.example"});
     assert_eq!(call(admin, "POST", "/v1/apps/y/server_domains?dry_run=1", &[], Some(add), EDITOR).await.0, 400);
     assert_eq!(connect_as(gw.addr(), "y", "pw2", "new.shop.example:443").await.reason(), "not_whitelisted");
+}
+
+#[tokio::test]
+async fn edits_by_hand_show_up_in_the_history_as_changes_by_file() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let add = json!({"entry": "new.shop.example"});
+    assert_eq!(call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(add), EDITOR).await.0, 201);
+    // an operator edits the file by hand: a remark on the new entry
+    let file = gw.dir.path().join("apps/shop.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("\"new.shop.example\",", "{ domain = \"new.shop.example\", remark = \"by hand\" },"),
+    )
+    .unwrap();
+    let (_, headers, _) = call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await;
+    assert_eq!(headers["etag"], "\"3\"", "a hand edit is the next revision");
+    let (_, _, body) = call(admin, "GET", "/v1/apps/shop/history", &[], None, VIEWER).await;
+    let newest = &body["revisions"][0];
+    assert_eq!(
+        (newest["revision"].as_u64(), newest["user"].as_str(), newest["change"].as_str()),
+        (Some(3), Some("file"), Some("edit"))
+    );
+    assert_eq!(newest["after"]["server_domains"][1]["remark"], "by hand");
+    // the next API write records it for good, then itself
+    let action = json!({"action": "report"});
+    assert_eq!(call(admin, "PUT", "/v1/apps/shop/action", &[("If-Match", "\"3\"")], Some(action), EDITOR).await.0, 200);
+    let (_, _, body) = call(admin, "GET", "/v1/apps/shop/history", &[], None, VIEWER).await;
+    let users: Vec<(u64, &str)> = body["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["revision"].as_u64().unwrap(), r["user"].as_str().unwrap()))
+        .collect();
+    assert_eq!(users, [(4, "ed"), (3, "file"), (2, "ed"), (1, "file")]);
 }

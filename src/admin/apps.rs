@@ -130,11 +130,38 @@ pub(crate) fn history(reloader: &Reloader, id: &str) -> Response<Body> {
     if !crate::policy::is_valid_app_id(id) {
         return error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
     }
-    let records = match audit_log(reloader).map(|log| log.history(id)).transpose() {
+    let mut records = match audit_log(reloader).map(|log| log.history(id)).transpose() {
         Ok(records) => records.unwrap_or_default(),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the audit log: {e}")),
     };
+    if let Ok(Place::Writable(stored)) = store(reloader).place(id)
+        && let Some(edit) = hand_edit(&stored, &records)
+    {
+        records.insert(0, edit);
+    }
     json_response(StatusCode::OK, &json!({ "revisions": records }))
+}
+
+/// The change by `file` that an app's file shows when it was edited by hand since the last
+/// recorded change (`records`, newest first): its revision is past the last one recorded.
+fn hand_edit(stored: &Stored, records: &[Record]) -> Option<Record> {
+    let last = records.first();
+    if last.and_then(|record| record.revision).is_some_and(|recorded| stored.revision <= recorded) {
+        return None;
+    }
+    let mut after = stored.doc.clone();
+    after.token = None; // never recorded
+    Some(Record {
+        time: Record::now(),
+        app: after.id.clone(),
+        revision: Some(stored.revision),
+        user: "file".to_owned(),
+        client: String::new(),
+        change: if last.is_some() { "edit" } else { "create" }.to_owned(),
+        outcome: "applied".to_owned(),
+        before: last.and_then(|record| record.after.clone()),
+        after: Some(after),
+    })
 }
 
 /// Route a write under `/v1/apps/{id}`; `rest` is what follows the id.
@@ -479,7 +506,20 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     };
     // Never a revision number the app had before, even after it was deleted (the audit log
     // remembers the highest) or when its file lost its first line.
-    let audited = audit_log(reloader).and_then(|log| log.history(id).ok()).and_then(|h| h.first()?.revision);
+    let recorded = audit_log(reloader).and_then(|log| log.history(id).ok()).unwrap_or_default();
+    // A hand edit since the last recorded change goes into the record first, as a change by `file`.
+    if !dry_run
+        && let Some(stored) = &current
+        && let Some(edit) = hand_edit(stored, &recorded)
+        && let Some(log) = audit_log(reloader)
+        && let Err(e) = log.append(&edit)
+    {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot write the audit log, so nothing changed: {e}"),
+        );
+    }
+    let audited = recorded.first().and_then(|record| record.revision);
     let next = revision.max(audited).unwrap_or(0).saturating_add(1);
     if let Some(doc) = &doc
         && doc.has_token
