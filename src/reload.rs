@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use crate::config::watch::{ConfigWatcher, WatchSet, settle};
-use crate::config::{self, Config, ConfigError, ConfigErrors, Loader};
+use crate::config::{Config, ConfigError, ConfigErrors, Loader};
 use crate::metrics::Metrics;
 use crate::proxy::{Shared, Snapshot};
 
@@ -160,7 +160,7 @@ impl Reloader {
             // A config that could not be read (out of descriptors, a writer that would not
             // stop) is tried again by the periodic check; one that is invalid is not, until
             // its files change again.
-            let unreadable = result.as_ref().is_err_and(|errors| errors.0.iter().any(ConfigError::is_unreadable));
+            let unreadable = result.as_ref().is_err_and(|errors| errors.0.iter().any(|error| error.unreadable));
             if !unreadable {
                 *self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = print;
             }
@@ -172,16 +172,13 @@ impl Reloader {
             Ok(Err(errors)) => return self.fail(trigger, generation, errors),
             Err(e) => {
                 let message = format!("the reload task failed: {e}");
-                let error = config::ConfigError { path: path.clone(), line: 1, col: 1, message };
+                let error = ConfigError::whole_file(&path, message);
                 return self.fail(trigger, generation, ConfigErrors(vec![error]));
             }
         };
         let removed = removals(&current.config, &config, &self.shared);
         if !removed.is_empty() {
-            let errors = removed
-                .into_iter()
-                .map(|message| config::ConfigError { path: path.clone(), line: 1, col: 1, message })
-                .collect();
+            let errors = removed.into_iter().map(|message| ConfigError::whole_file(&path, message)).collect();
             return self.fail(trigger, generation, ConfigErrors(errors));
         }
         let restart_only = restart_only_changes(&current.config, &config);
@@ -210,7 +207,7 @@ impl Reloader {
         let checked = tokio::task::spawn_blocking(move || loader.load_candidate(&file, text.as_deref()));
         checked.await.unwrap_or_else(|e| {
             let message = format!("the check failed: {e}");
-            Err(ConfigErrors(vec![ConfigError { path: PathBuf::new(), line: 1, col: 1, message }]))
+            Err(ConfigErrors(vec![ConfigError::whole_file(Path::new(""), message)]))
         })
     }
 

@@ -169,14 +169,15 @@ pub struct ConfigError {
     pub line: usize,
     pub col: usize,
     pub message: String,
+    /// A file could not be read (rather than being invalid): such a failure may pass by
+    /// itself (out of descriptors, a writer that would not stop), so it is worth retrying.
+    pub unreadable: bool,
 }
 
 impl ConfigError {
-    /// Whether the error is that a file could not be read (rather than that it is invalid):
-    /// such a failure may pass by itself, so it is worth trying again.
-    pub fn is_unreadable(&self) -> bool {
-        // Every read failure of the loader is worded "cannot read …".
-        self.message.starts_with("cannot read")
+    /// An error about a whole file (or the load itself), pointed at its start.
+    pub fn whole_file(path: &Path, message: String) -> ConfigError {
+        ConfigError { path: path.to_path_buf(), line: 1, col: 1, message, unreadable: false }
     }
 }
 

@@ -44,7 +44,7 @@ pub(super) fn load_candidate(
 ) -> Result<Config, ConfigErrors> {
     let main = match super::read_settled(path) {
         Ok(main) => main,
-        Err(e) => return Err(ConfigErrors(vec![file_error(path, format!("cannot read the config file: {e}"))])),
+        Err(e) => return Err(ConfigErrors(vec![unreadable_file(path, format!("cannot read the config file: {e}"))])),
     };
     let v = Validator { candidate: Some((file.to_path_buf(), text.map(str::to_owned))), ..Validator::default() };
     v.load(path, main, cache)
@@ -52,12 +52,12 @@ pub(super) fn load_candidate(
 
 pub(super) fn load(path: &Path, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
     match super::read_settled(path) {
-        Ok(text) if text.trim().is_empty() => Err(ConfigErrors(vec![file_error(
+        Ok(text) if text.trim().is_empty() => Err(ConfigErrors(vec![ConfigError::whole_file(
             path,
             "the config file is empty (truncated by a writer?); an empty file is never loaded".to_owned(),
         )])),
         Ok(text) => load_text(path, text, cache),
-        Err(e) => Err(ConfigErrors(vec![file_error(path, format!("cannot read the config file: {e}"))])),
+        Err(e) => Err(ConfigErrors(vec![unreadable_file(path, format!("cannot read the config file: {e}"))])),
     }
 }
 
@@ -127,8 +127,9 @@ fn fingerprint(text: &str) -> u64 {
     hasher.finish()
 }
 
-fn file_error(path: &Path, message: String) -> ConfigError {
-    ConfigError { path: path.to_path_buf(), line: 1, col: 1, message }
+/// A file that could not be read at all.
+fn unreadable_file(path: &Path, message: String) -> ConfigError {
+    ConfigError { unreadable: true, ..ConfigError::whole_file(path, message) }
 }
 
 /// Where an unknown key that serde_ignored names by its dotted path (`policy.acton`,
@@ -205,6 +206,14 @@ impl Source {
     }
 }
 
+/// One problem found, at a byte offset of a source.
+struct Problem {
+    source: usize,
+    offset: usize,
+    message: String,
+    unreadable: bool,
+}
+
 #[derive(Default)]
 struct Validator {
     sources: Vec<Source>,
@@ -214,7 +223,7 @@ struct Validator {
     /// disk: a write being checked.
     candidate: Option<(PathBuf, Option<String>)>,
     /// (source, byte offset, message)
-    errors: Vec<(usize, usize, String)>,
+    errors: Vec<Problem>,
 }
 
 /// Where an app was defined, to point a duplicate at the first definition.
@@ -230,18 +239,24 @@ impl Validator {
     }
 
     fn error(&mut self, source: usize, span: Range<usize>, message: impl Into<String>) {
-        self.errors.push((source, span.start, message.into()));
+        self.errors.push(Problem { source, offset: span.start, message: message.into(), unreadable: false });
+    }
+
+    /// An error that a file named at `span` could not be read.
+    fn unreadable(&mut self, source: usize, span: Range<usize>, message: impl Into<String>) {
+        self.errors.push(Problem { source, offset: span.start, message: message.into(), unreadable: true });
     }
 
     fn into_errors(mut self) -> ConfigErrors {
-        self.errors.sort_by_key(|(source, offset, _)| (*source, *offset));
+        self.errors.sort_by_key(|problem| (problem.source, problem.offset));
         let errors = self
             .errors
             .iter()
-            .map(|(source, offset, message)| {
-                let src = &self.sources[*source];
-                let (line, col) = src.position(*offset);
-                ConfigError { path: src.path.clone(), line, col, message: message.clone() }
+            .map(|problem| {
+                let src = &self.sources[problem.source];
+                let (line, col) = src.position(problem.offset);
+                let message = problem.message.clone();
+                ConfigError { path: src.path.clone(), line, col, message, unreadable: problem.unreadable }
             })
             .collect();
         ConfigErrors(errors)
@@ -307,7 +322,7 @@ impl Validator {
         let listing = match std::fs::read_dir(dir) {
             Ok(listing) => listing,
             Err(e) => {
-                self.error(main, span, format!("cannot read apps_dir {}: {e}", dir.display()));
+                self.unreadable(main, span, format!("cannot read apps_dir {}: {e}", dir.display()));
                 return;
             }
         };
@@ -350,7 +365,7 @@ impl Validator {
                 }
                 Err(e) => {
                     let source = self.add_source(file, String::new());
-                    self.error(source, 0..0, format!("cannot read the apps file: {e}"));
+                    self.unreadable(source, 0..0, format!("cannot read the apps file: {e}"));
                 }
             }
         }
@@ -366,8 +381,8 @@ impl Validator {
         apps: Vec<(usize, Arc<App>, Range<usize>)>,
     ) {
         let mut broken = vec![false; self.sources.len()];
-        for (source, _, _) in &self.errors {
-            broken[*source] = true;
+        for problem in &self.errors {
+            broken[problem.source] = true;
         }
         let mut files: HashMap<PathBuf, CachedFile> = HashMap::new();
         for (source, _) in self.sources.iter().enumerate().skip(main + 1).filter(|(i, _)| !broken[*i]) {
@@ -526,12 +541,19 @@ impl Validator {
         match tls::server_config(&cert, &key, client_ca.as_deref()) {
             Ok(settings) => Some(settings),
             Err((file, message)) => {
-                let span = match file {
-                    TlsFile::Cert => raw.cert.span(),
-                    TlsFile::Key => raw.key.span(),
-                    TlsFile::ClientCa => raw.client_ca.as_ref().map_or(raw.cert.span(), Spanned::span),
+                let (span, named) = match file {
+                    TlsFile::Cert => (raw.cert.span(), Some(&cert)),
+                    TlsFile::Key => (raw.key.span(), Some(&key)),
+                    TlsFile::ClientCa => {
+                        (raw.client_ca.as_ref().map_or(raw.cert.span(), Spanned::span), client_ca.as_ref())
+                    }
                 };
-                self.error(main, span, message);
+                // A file that is not there (yet: a rotation in progress) may come; a bad one stays bad.
+                if named.is_some_and(|file| !file.exists()) {
+                    self.unreadable(main, span, message);
+                } else {
+                    self.error(main, span, message);
+                }
                 None
             }
         }
@@ -572,7 +594,11 @@ impl Validator {
                         None
                     }
                     Err(e) => {
-                        self.error(main, file.span(), format!("cannot read admin_token_file {}: {e}", path.display()));
+                        self.unreadable(
+                            main,
+                            file.span(),
+                            format!("cannot read admin_token_file {}: {e}", path.display()),
+                        );
                         None
                     }
                 }
@@ -1050,6 +1076,21 @@ id = "demo"
         let alice = &config.server.admin_users[0];
         assert_eq!((alice.name.as_str(), alice.role), ("alice", Role::Editor));
         assert_eq!(alice.token_sha256, super::super::token_sha256("password"));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_is_told_from_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gateway.toml");
+        std::fs::write(&main, "[tls]\ncert = \"gw.crt\"\nkey = \"gw.key\"\n").unwrap();
+        let missing = load(&main, &mut AppsCache::default()).unwrap_err();
+        assert!(missing.0.iter().all(|e| e.unreadable), "{missing}");
+        std::fs::write(dir.path().join("gw.crt"), "not a certificate").unwrap();
+        std::fs::write(dir.path().join("gw.key"), "not a key").unwrap();
+        let bad = load(&main, &mut AppsCache::default()).unwrap_err();
+        assert!(bad.0.iter().all(|e| !e.unreadable), "{bad}");
+        let unknown = load(&dir.path().join("absent.toml"), &mut AppsCache::default()).unwrap_err();
+        assert!(unknown.0[0].unreadable);
     }
 
     #[test]
