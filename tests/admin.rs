@@ -305,16 +305,16 @@ fn shipped_config_on_port_0() -> String {
 
 /// A gateway on the shipped config (its apps_dir copied beside it), on port 0.
 async fn shipped_gateway() -> TestGateway {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("apps")).unwrap();
     let shipped_apps = concat!(env!("CARGO_MANIFEST_DIR"), "/config/apps");
-    for file in std::fs::read_dir(shipped_apps).unwrap() {
-        let file = file.unwrap();
-        std::fs::copy(file.path(), dir.path().join("apps").join(file.file_name())).unwrap();
-    }
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, shipped_config_on_port_0()).unwrap();
-    TestGateway::start_at(dir, path).await
+    let apps: Vec<(String, String)> = std::fs::read_dir(shipped_apps)
+        .unwrap()
+        .map(|file| {
+            let file = file.unwrap();
+            (file.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(file.path()).unwrap())
+        })
+        .collect();
+    let apps: Vec<(&str, &str)> = apps.iter().map(|(name, text)| (name.as_str(), text.as_str())).collect();
+    TestGateway::start_with_apps(&shipped_config_on_port_0(), &apps).await
 }
 
 #[tokio::test]
@@ -364,15 +364,12 @@ async fn a_plain_http_refusal_names_the_app_that_asked() {
 async fn admin_users_are_known_by_their_tokens_hash_and_held_to_their_roles() {
     let origin = Origin::start(&["api.shop.example"]).await;
     // what `miniapp-gateway token` puts in the config: the SHA-256 of each token
-    let hash = |token: &str| -> String {
-        miniapp_gateway::config::token_sha256(token).iter().map(|b| format!("{b:02x}")).collect()
-    };
     let text = format!(
         "{}\n[[admin_user]]\nname = \"vera\"\ntoken_sha256 = \"{}\"\nrole = \"viewer\"\n\n\
          [[admin_user]]\nname = \"ed\"\ntoken_sha256 = \"{}\"\nrole = \"editor\"\n",
         config(origin.addr, "admin_token = \"root-token\""),
-        hash("viewer-token"),
-        hash("editor-token")
+        token_hash("viewer-token"),
+        token_hash("editor-token")
     );
     let gw = TestGateway::start(&text).await;
     let admin = gw.admin();

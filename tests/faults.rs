@@ -67,15 +67,10 @@ async fn a_config_file_emptied_in_place_is_a_failed_reload() {
 #[tokio::test]
 async fn an_apps_file_emptied_in_place_is_a_failed_reload() {
     let origin = Origin::start(&["api.shop.example"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("apps")).unwrap();
     let main = config(origin.addr, r#""img.shop.example""#, "one", r#"apps_dir = "apps""#);
-    std::fs::write(dir.path().join("gateway.toml"), main).unwrap();
-    let apps = dir.path().join("apps/shop.toml");
-    std::fs::write(&apps, "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n").unwrap();
-    let path = dir.path().join("gateway.toml");
-    let gw = TestGateway::start_at(dir, path).await;
-    std::fs::File::create(&apps).unwrap();
+    let shop = "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n";
+    let gw = TestGateway::start_with_apps(&main, &[("shop.toml", shop)]).await;
+    std::fs::File::create(gw.dir.path().join("apps/shop.toml")).unwrap();
     assert_eq!(gw.wait_metric(r#"gateway_config_reloads_total{result="failure"}"#, 1.0).await, 1.0);
     let (status, body) = reload(&gw).await;
     assert_eq!(status, 422);

@@ -13,21 +13,10 @@ use serde_json::{Value, json};
 const EDITOR: &str = "editor-token";
 const VIEWER: &str = "viewer-token";
 
-fn hash(token: &str) -> String {
-    miniapp_gateway::config::token_sha256(token).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A gateway with `apps_dir`, app `shop` in it, app `main` in the main file, an editor and a
 /// viewer.
 async fn setup() -> (Origin, TestGateway) {
     let origin = Origin::start(&["api.shop.example", "new.shop.example"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("apps")).unwrap();
-    std::fs::write(
-        dir.path().join("apps/shop.toml"),
-        "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n",
-    )
-    .unwrap();
     let text = format!(
         r#"
 [server]
@@ -56,12 +45,11 @@ token_sha256 = "{viewer}"
 role = "viewer"
 "#,
         o = origin.addr,
-        editor = hash(EDITOR),
-        viewer = hash(VIEWER)
+        editor = token_hash(EDITOR),
+        viewer = token_hash(VIEWER)
     );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    let gw = TestGateway::start_at(dir, path).await;
+    let shop = "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n";
+    let gw = TestGateway::start_with_apps(&text, &[("shop.toml", shop)]).await;
     (origin, gw)
 }
 

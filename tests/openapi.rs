@@ -123,21 +123,13 @@ impl Contract {
 #[tokio::test]
 async fn every_route_answers_as_the_openapi_document_says() {
     let origin = Origin::start(&["api.shop.example"]).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("apps")).unwrap();
-    std::fs::write(
-        dir.path().join("apps/shop.toml"),
-        "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n",
-    )
-    .unwrap();
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[policy]\napps_dir = \"apps\"\n\n\
          [resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\n",
         origin.addr
     );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, text).unwrap();
-    let gw = TestGateway::start_at(dir, path).await;
+    let shop = "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n";
+    let gw = TestGateway::start_with_apps(&text, &[("shop.toml", shop)]).await;
 
     let (status, _, served) = admin_request(gw.admin(), "GET", "/v1/openapi.json", None, None).await;
     assert_eq!(status, 200);

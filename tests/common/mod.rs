@@ -251,6 +251,18 @@ impl TestGateway {
         Self::start_at(dir, path).await
     }
 
+    /// Start a gateway on `toml` whose `apps_dir = "apps"` holds `apps`: (file name, text).
+    pub async fn start_with_apps(toml: &str, apps: &[(&str, &str)]) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("apps")).unwrap();
+        for (name, text) in apps {
+            std::fs::write(dir.path().join("apps").join(name), text).unwrap();
+        }
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        Self::start_at(dir, path).await
+    }
+
     /// Start a gateway on the config file at `path` inside `dir`.
     pub async fn start_at(dir: tempfile::TempDir, path: std::path::PathBuf) -> TestGateway {
         let mut loader = config::Loader::new(&path);
@@ -556,4 +568,9 @@ pub fn raise_open_files_limit(wanted: u64) {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
+}
+
+/// The SHA-256 of a token in hex, as `[[admin_user]].token_sha256` holds it.
+pub fn token_hash(token: &str) -> String {
+    miniapp_gateway::config::token_sha256(token).iter().map(|b| format!("{b:02x}")).collect()
 }
