@@ -337,17 +337,23 @@ mod tests {
         }
     }
 
+    /// The one handshake message of `hello` (one record) re-framed into records of `size` bytes.
+    fn in_records_of(hello: &[u8], size: usize) -> Vec<u8> {
+        let (header, body) = hello.split_at(5);
+        let mut reframed = Vec::new();
+        for piece in body.chunks(size) {
+            reframed.extend_from_slice(&header[..3]);
+            reframed.extend_from_slice(&(piece.len() as u16).to_be_bytes());
+            reframed.extend_from_slice(piece);
+        }
+        reframed
+    }
+
     #[test]
     fn a_client_hello_split_across_records_is_still_read() {
         // Re-frame the one handshake message into records of 100 bytes each.
         let hello = client_hello("api.shop.example");
-        let (header, body) = hello.split_at(5);
-        let mut reframed = Vec::new();
-        for piece in body.chunks(100) {
-            reframed.extend_from_slice(&[header[0], header[1], header[2]]);
-            reframed.extend_from_slice(&(piece.len() as u16).to_be_bytes());
-            reframed.extend_from_slice(piece);
-        }
+        let reframed = in_records_of(&hello, 100);
         let peek = ClientHelloReader::default().feed(&reframed);
         assert_eq!(peek, Peek::Hello { server_name: Some("api.shop.example".into()) });
     }
@@ -396,13 +402,7 @@ mod tests {
     #[test]
     fn the_framing_scan_waits_exactly_as_long_as_rustls() {
         let hello = client_hello("api.shop.example");
-        let (header, body) = hello.split_at(5);
-        let mut reframed = Vec::new();
-        for piece in body.chunks(100) {
-            reframed.extend_from_slice(&[header[0], header[1], header[2]]);
-            reframed.extend_from_slice(&(piece.len() as u16).to_be_bytes());
-            reframed.extend_from_slice(piece);
-        }
+        let reframed = in_records_of(&hello, 100);
         let large = large_client_hello("api.shop.example", 40_000);
         assert_eq!(
             ClientHelloReader::default().feed(&large),
