@@ -559,15 +559,24 @@ pub fn client_hello(name: &str) -> Vec<u8> {
 }
 
 /// Make room for `wanted` open files in this test process (the soft limit is often 1,024).
-pub fn raise_open_files_limit(wanted: u64) {
+pub fn raise_open_files_limit(wanted: u64) -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit only read and write the struct they are given.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < wanted {
+            // Raising the hard limit too works where the tests run as root (CI does).
+            let raised = libc::rlimit { rlim_cur: wanted, rlim_max: limit.rlim_max.max(wanted) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                limit.rlim_cur = wanted.min(limit.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
         }
     }
+    limit.rlim_cur
 }
 
 /// The SHA-256 of a token in hex, as `[[admin_user]].token_sha256` holds it.
