@@ -17,11 +17,13 @@ use crate::config::schema::{RawApp, RawAppsFile, RawEntry};
 use crate::policy::Action;
 
 /// A whitelist entry as the API shows it, and takes it: `"api.shop.example"` or
-/// `{"domain": "…", "remark": "…"}`, as in the config.
+/// `{"domain": "…", "remark": "…"}`, as in the config. In `api_whitelist` the value's key is
+/// `api` ([`api_entries`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "EntryInput")]
 pub struct EntryDoc {
-    pub domain: String,
+    #[serde(rename = "domain")]
+    pub value: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remark: Option<String>,
 }
@@ -44,9 +46,53 @@ struct FullEntry {
 impl From<EntryInput> for EntryDoc {
     fn from(input: EntryInput) -> EntryDoc {
         match input {
-            EntryInput::Bare(domain) => EntryDoc { domain, remark: None },
-            EntryInput::Full(FullEntry { domain, remark }) => EntryDoc { domain, remark },
+            EntryInput::Bare(value) => EntryDoc { value, remark: None },
+            EntryInput::Full(FullEntry { domain, remark }) => EntryDoc { value: domain, remark },
         }
+    }
+}
+
+/// `api_whitelist` entries in JSON: `"shop.pay"` or `{"api": "shop.pay", "remark": "…"}`.
+pub mod api_entries {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::EntryDoc;
+
+    #[derive(Serialize)]
+    struct Shown<'a> {
+        api: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        remark: Option<&'a str>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Taken {
+        Bare(String),
+        Full(Full),
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Full {
+        api: String,
+        #[serde(default)]
+        remark: Option<String>,
+    }
+
+    pub fn serialize<S: Serializer>(entries: &[EntryDoc], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(entries.iter().map(|e| Shown { api: &e.value, remark: e.remark.as_deref() }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<EntryDoc>, D::Error> {
+        let taken = Vec::<Taken>::deserialize(deserializer)?;
+        Ok(taken
+            .into_iter()
+            .map(|entry| match entry {
+                Taken::Bare(value) => EntryDoc { value, remark: None },
+                Taken::Full(Full { api, remark }) => EntryDoc { value: api, remark },
+            })
+            .collect())
     }
 }
 
@@ -71,8 +117,8 @@ pub struct AppDoc {
     pub server_domains: Vec<EntryDoc>,
     #[serde(default)]
     pub webview_domains: Vec<EntryDoc>,
-    #[serde(default)]
-    pub api_whitelist: Vec<String>,
+    #[serde(default, with = "api_entries")]
+    pub api_whitelist: Vec<EntryDoc>,
     /// What a `GET` shows besides the app (its revision, the generation after a write): taken
     /// and ignored, so that an app read can be written back as it is.
     #[serde(default, rename = "revision", skip_serializing)]
@@ -155,10 +201,10 @@ impl Rendered {
     /// The field path of a validation error at `line` with `message`.
     pub fn field_at(&self, line: usize, message: &str) -> String {
         let path = line.checked_sub(1).and_then(|i| self.lines.get(i)).cloned().unwrap_or_default();
-        if path.ends_with("].domain") && message.starts_with("the remark of") {
-            return path.replace("].domain", "].remark");
+        match path.rsplit_once("].") {
+            Some((entry, _)) if message.starts_with("the remark of") => format!("{entry}].remark"),
+            _ => path,
         }
-        path
     }
 }
 
@@ -226,7 +272,7 @@ fn entry_docs(entries: Option<&crate::config::schema::SpannedList<RawEntry>>) ->
             list.get_ref()
                 .iter()
                 .map(|entry| EntryDoc {
-                    domain: entry.get_ref().domain.clone(),
+                    value: entry.get_ref().domain.clone(),
                     remark: entry.get_ref().remark.clone(),
                 })
                 .collect()
@@ -244,7 +290,12 @@ impl AppDoc {
             action: raw.action,
             server_domains: entry_docs(raw.server_domains.as_ref()),
             webview_domains: entry_docs(raw.webview_domains.as_ref()),
-            api_whitelist: raw.api_whitelist.iter().flatten().map(|api| api.get_ref().clone()).collect(),
+            api_whitelist: raw
+                .api_whitelist
+                .iter()
+                .flatten()
+                .map(|api| EntryDoc { value: api.get_ref().name.clone(), remark: api.get_ref().remark.clone() })
+                .collect(),
             ignored_revision: None,
             ignored_generation: None,
         }
@@ -327,22 +378,22 @@ impl Store for FileStore {
         if let Some(action) = doc.action {
             line(&mut text, format!("action = \"{}\"", action.as_str()), "action");
         }
-        for (key, entries) in [("server_domains", &doc.server_domains), ("webview_domains", &doc.webview_domains)] {
-            line(&mut text, format!("{key} = ["), key);
+        let lists = [
+            ("server_domains", "domain", &doc.server_domains),
+            ("webview_domains", "domain", &doc.webview_domains),
+            ("api_whitelist", "api", &doc.api_whitelist),
+        ];
+        for (list, field, entries) in lists {
+            line(&mut text, format!("{list} = ["), list);
             for (i, entry) in entries.iter().enumerate() {
                 let value = match &entry.remark {
-                    Some(remark) => format!("  {{ domain = {}, remark = {} }},", quoted(&entry.domain), quoted(remark)),
-                    None => format!("  {},", quoted(&entry.domain)),
+                    Some(remark) => format!("  {{ {field} = {}, remark = {} }},", quoted(&entry.value), quoted(remark)),
+                    None => format!("  {},", quoted(&entry.value)),
                 };
-                line(&mut text, value, &format!("{key}[{i}].domain"));
+                line(&mut text, value, &format!("{list}[{i}].{field}"));
             }
-            line(&mut text, "]".to_owned(), key);
+            line(&mut text, "]".to_owned(), list);
         }
-        line(&mut text, "api_whitelist = [".to_owned(), "api_whitelist");
-        for (i, api) in doc.api_whitelist.iter().enumerate() {
-            line(&mut text, format!("  {},", quoted(api)), &format!("api_whitelist[{i}]"));
-        }
-        line(&mut text, "]".to_owned(), "api_whitelist");
         let body = &text[1..];
         let header = format!(
             "{REVISION_MARK}{revision} sha256={}: kept by the admin API; edits by hand are fine (comments are not kept)",
@@ -493,21 +544,19 @@ impl AppDoc {
     pub fn describe_change(&self, before: &AppDoc) -> String {
         let mut parts = Vec::new();
         let lists = |a: &[EntryDoc], b: &[EntryDoc]| -> Vec<String> {
-            let mut out: Vec<String> = b.iter().filter(|e| !a.contains(e)).map(|e| format!("+{}", e.domain)).collect();
-            out.extend(a.iter().filter(|e| !b.contains(e)).map(|e| format!("-{}", e.domain)));
+            let mut out: Vec<String> = b.iter().filter(|e| !a.contains(e)).map(|e| format!("+{}", e.value)).collect();
+            out.extend(a.iter().filter(|e| !b.contains(e)).map(|e| format!("-{}", e.value)));
             out
         };
         for (key, a, b) in [
             ("server_domains", &before.server_domains, &self.server_domains),
             ("webview_domains", &before.webview_domains, &self.webview_domains),
+            ("api_whitelist", &before.api_whitelist, &self.api_whitelist),
         ] {
             let changed = lists(a, b);
             if !changed.is_empty() {
                 parts.push(format!("{key} {}", changed.join(" ")));
             }
-        }
-        if before.api_whitelist != self.api_whitelist {
-            parts.push(format!("api_whitelist {:?} -> {:?}", before.api_whitelist, self.api_whitelist));
         }
         if before.action != self.action {
             let shown = |a: Option<Action>| a.map_or("(default)", Action::as_str);
@@ -571,11 +620,11 @@ mod tests {
             has_token: false,
             action: Some(Action::Report),
             server_domains: vec![
-                EntryDoc { domain: "api.shop.example".into(), remark: None },
-                EntryDoc { domain: "https://img.shop.example:8443".into(), remark: Some("CDN\nline".into()) },
+                EntryDoc { value: "api.shop.example".into(), remark: None },
+                EntryDoc { value: "https://img.shop.example:8443".into(), remark: Some("CDN\nline".into()) },
             ],
             webview_domains: vec![],
-            api_whitelist: vec!["shop.pay".into()],
+            api_whitelist: vec![EntryDoc { value: "shop.pay".into(), remark: Some("payments".into()) }],
             ignored_revision: None,
             ignored_generation: None,
         }

@@ -21,7 +21,7 @@ name = "Demo shop"
 token = "s3cret"
 server_domains = ["https://api.shop.example", {{ domain = "img.shop.example:8443", remark = "image CDN" }}]
 webview_domains = [{{ domain = "*.shop.example", remark = "H5 pages" }}]
-api_whitelist = ["shop.pay", "shop.share"]
+api_whitelist = ["shop.pay", {{ api = "shop.share", remark = "share sheet" }}]
 
 [[app]]
 id = "watch"
@@ -142,7 +142,7 @@ async fn apps_are_listed_without_their_tokens() {
                 {"domain": "img.shop.example:8443", "remark": "image CDN"}
             ],
             "webview_domains": [{"domain": "*.shop.example", "remark": "H5 pages"}],
-            "api_whitelist": ["shop.pay", "shop.share"]
+            "api_whitelist": [{"api": "shop.pay", "remark": null}, {"api": "shop.share", "remark": "share sheet"}]
         })
     );
     assert!(!demo.to_string().contains("s3cret"));

@@ -139,13 +139,16 @@ async fn one_entry_at_a_time() {
     assert_eq!(call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(url), EDITOR).await.0, 201);
     let encoded = "/v1/apps/shop/server_domains/https%3A%2F%2Fimg.shop.example%3A8443";
     assert_eq!(call(admin, "DELETE", encoded, &[], None, EDITOR).await.0, 204);
-    let api = json!({"entry": "shop.pay"});
+    // API entries take remarks too, edited like any other entry's
+    let api = json!({"entry": "shop.pay", "remark": "payments"});
     assert_eq!(call(admin, "POST", "/v1/apps/shop/api_whitelist", &[], Some(api), EDITOR).await.0, 201);
+    let remark = json!({"remark": "payment sheet"});
+    assert_eq!(call(admin, "PUT", "/v1/apps/shop/api_whitelist/shop.pay", &[], Some(remark), EDITOR).await.0, 200);
     let (status, _, body) =
         call(admin, "PUT", "/v1/apps/shop/action", &[], Some(json!({"action": "open"})), EDITOR).await;
     assert_eq!(
-        (status, body["action"].as_str(), body["api_whitelist"][0].as_str()),
-        (200, Some("open"), Some("shop.pay"))
+        (status, body["action"].as_str(), &body["api_whitelist"]),
+        (200, Some("open"), &json!([{"api": "shop.pay", "remark": "payment sheet"}]))
     );
     assert_eq!(connect_as(gw.addr(), "shop", "x", "new.shop.example:443").await.reason(), "open");
 }
@@ -154,7 +157,11 @@ async fn one_entry_at_a_time() {
 async fn every_validation_error_as_a_field_path_and_a_dry_run_changes_nothing() {
     let (_origin, gw) = setup().await;
     let admin = gw.admin();
-    let bad = json!({"server_domains": ["api.shop.example", "http://x.example", {"domain": "y.example", "remark": "r".repeat(201)}], "webview_domains": ["*"]});
+    let bad = json!({
+        "server_domains": ["api.shop.example", "http://x.example", {"domain": "y.example", "remark": "r".repeat(201)}],
+        "webview_domains": ["*"],
+        "api_whitelist": ["shop.pay", {"api": "shop.share", "remark": "s".repeat(201)}, "shop pay"]
+    });
     let (status, _, body) = call(admin, "PUT", "/v1/apps/shop", &[("If-Match", "\"1\"")], Some(bad), EDITOR).await;
     assert_eq!(status, 422, "{body}");
     let errors: Vec<(String, String)> = body["errors"]
@@ -164,7 +171,16 @@ async fn every_validation_error_as_a_field_path_and_a_dry_run_changes_nothing() 
         .map(|e| (e["path"].as_str().unwrap().to_owned(), e["message"].as_str().unwrap().to_owned()))
         .collect();
     let paths: Vec<&str> = errors.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(paths, ["server_domains[1].domain", "server_domains[2].remark", "webview_domains[0].domain"]);
+    assert_eq!(
+        paths,
+        [
+            "server_domains[1].domain",
+            "server_domains[2].remark",
+            "webview_domains[0].domain",
+            "api_whitelist[1].remark",
+            "api_whitelist[2].api"
+        ]
+    );
     assert!(errors[0].1.contains("only https:// and wss:// entries are allowed"), "{errors:?}");
 
     let before = std::fs::read(gw.dir.path().join("apps/shop.toml")).unwrap();

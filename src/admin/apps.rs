@@ -301,34 +301,23 @@ impl Change {
     }
 }
 
-/// The entries of `list`, as (value, remark) pairs.
-fn entries(doc: &mut AppDoc, list: List) -> ListMut<'_> {
+/// The entries of `list`.
+fn entries(doc: &mut AppDoc, list: List) -> &mut Vec<EntryDoc> {
     match list {
-        List::ServerDomains => ListMut::Domains(&mut doc.server_domains),
-        List::WebviewDomains => ListMut::Domains(&mut doc.webview_domains),
-        List::ApiWhitelist => ListMut::Apis(&mut doc.api_whitelist),
+        List::ServerDomains => &mut doc.server_domains,
+        List::WebviewDomains => &mut doc.webview_domains,
+        List::ApiWhitelist => &mut doc.api_whitelist,
     }
 }
 
-enum ListMut<'a> {
-    Domains(&'a mut Vec<EntryDoc>),
-    Apis(&'a mut Vec<String>),
-}
-
-impl ListMut<'_> {
-    fn position(&self, value: &str) -> Option<usize> {
-        match self {
-            ListMut::Domains(list) => list.iter().position(|e| e.domain == value),
-            ListMut::Apis(list) => list.iter().position(|api| api == value),
-        }
-    }
+fn position(entries: &[EntryDoc], value: &str) -> Option<usize> {
+    entries.iter().position(|entry| entry.value == value)
 }
 
 /// The new app (or `None` to delete it) that `change` makes of `current`, or the refusal.
 fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<AppDoc>, Response<Body>> {
     let missing = || error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
     let gone = |value: &str| error(StatusCode::NOT_FOUND, &format!("{value:?} is no longer on the list"));
-    let no_remark = || error(StatusCode::UNPROCESSABLE_ENTITY, "api_whitelist entries take no remark");
     match change {
         Change::Replace(mut doc) => {
             doc.id = id.to_owned();
@@ -352,47 +341,30 @@ fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<
         Change::Add(list, value, remark) => {
             let mut doc = current.cloned().ok_or_else(missing)?;
             let entries = entries(&mut doc, list);
-            if entries.position(&value).is_some() {
+            if position(entries, &value).is_some() {
                 return Err(error(StatusCode::CONFLICT, &format!("{value:?} is already on the list")));
             }
-            match entries {
-                ListMut::Domains(list) => list.push(EntryDoc { domain: value, remark: remark.flatten() }),
-                ListMut::Apis(_) if remark.flatten().is_some() => return Err(no_remark()),
-                ListMut::Apis(list) => list.push(value),
-            }
+            entries.push(EntryDoc { value, remark: remark.flatten() });
             Ok(Some(doc))
         }
         Change::Edit(list, value, edit) => {
             let mut doc = current.cloned().ok_or_else(missing)?;
-            let mut entries = entries(&mut doc, list);
-            let index = entries.position(&value).ok_or_else(|| gone(&value))?;
-            match &mut entries {
-                ListMut::Domains(list) => {
-                    let entry = &mut list[index];
-                    if let Some(new) = edit.entry {
-                        entry.domain = new;
-                    }
-                    if let Some(remark) = edit.remark {
-                        entry.remark = remark;
-                    }
-                }
-                ListMut::Apis(_) if edit.remark.flatten().is_some() => return Err(no_remark()),
-                ListMut::Apis(list) => {
-                    if let Some(new) = edit.entry {
-                        list[index] = new;
-                    }
-                }
+            let entries = entries(&mut doc, list);
+            let index = position(entries, &value).ok_or_else(|| gone(&value))?;
+            let entry = &mut entries[index];
+            if let Some(new) = edit.entry {
+                entry.value = new;
+            }
+            if let Some(remark) = edit.remark {
+                entry.remark = remark;
             }
             Ok(Some(doc))
         }
         Change::Remove(list, value) => {
             let mut doc = current.cloned().ok_or_else(missing)?;
-            let mut entries = entries(&mut doc, list);
-            let index = entries.position(&value).ok_or_else(|| gone(&value))?;
-            match &mut entries {
-                ListMut::Domains(list) => drop(list.remove(index)),
-                ListMut::Apis(list) => drop(list.remove(index)),
-            }
+            let entries = entries(&mut doc, list);
+            let index = position(entries, &value).ok_or_else(|| gone(&value))?;
+            entries.remove(index);
             Ok(Some(doc))
         }
     }

@@ -16,7 +16,6 @@
 
 mod apps;
 
-use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -461,7 +460,13 @@ struct AppView<'a> {
     revision: Option<u64>,
     server_domains: Vec<EntryView>,
     webview_domains: Vec<EntryView>,
-    api_whitelist: BTreeSet<&'a str>,
+    api_whitelist: Vec<ApiView<'a>>,
+}
+
+#[derive(Serialize)]
+struct ApiView<'a> {
+    api: &'a str,
+    remark: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -486,7 +491,11 @@ impl<'a> AppView<'a> {
             revision: None,
             server_domains: entries(&app.server_domains),
             webview_domains: entries(&app.webview_domains),
-            api_whitelist: app.api_whitelist.iter().map(|a| &**a).collect(),
+            api_whitelist: app
+                .api_entries
+                .iter()
+                .map(|(api, remark)| ApiView { api, remark: remark.as_deref() })
+                .collect(),
         }
     }
 }

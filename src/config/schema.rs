@@ -113,7 +113,7 @@ pub struct RawApp {
     pub action: Option<Action>,
     pub server_domains: Option<SpannedList<RawEntry>>,
     pub webview_domains: Option<SpannedList<RawEntry>>,
-    pub api_whitelist: Option<Vec<Spanned<String>>>,
+    pub api_whitelist: Option<Vec<Spanned<RawApi>>>,
 }
 
 /// A whitelist entry: `"api.shop.example"` or `{ domain = "…", remark = "…" }`.
@@ -123,41 +123,60 @@ pub struct RawEntry {
     pub remark: Option<String>,
 }
 
+/// An `api_whitelist` entry: `"shop.pay"` or `{ api = "…", remark = "…" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawApi {
+    pub name: String,
+    pub remark: Option<String>,
+}
+
 impl<'de> Deserialize<'de> for RawEntry {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EntryVisitor;
+        let (domain, remark) = deserializer.deserialize_any(EntryVisitor { key: "domain" })?;
+        Ok(RawEntry { domain, remark })
+    }
+}
 
-        impl<'de> Visitor<'de> for EntryVisitor {
-            type Value = RawEntry;
+impl<'de> Deserialize<'de> for RawApi {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let (name, remark) = deserializer.deserialize_any(EntryVisitor { key: "api" })?;
+        Ok(RawApi { name, remark })
+    }
+}
 
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a domain string or a table { domain = "…", remark = "…" }"#)
-            }
+/// A list entry with a remark: a string, or a table of `key` and `remark`.
+struct EntryVisitor {
+    key: &'static str,
+}
 
-            fn visit_str<E: de::Error>(self, domain: &str) -> Result<RawEntry, E> {
-                Ok(RawEntry { domain: domain.to_owned(), remark: None })
-            }
+impl<'de> Visitor<'de> for EntryVisitor {
+    type Value = (String, Option<String>);
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawEntry, A::Error> {
-                let mut domain = None;
-                let mut remark = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
-                        "domain" if domain.is_none() => domain = Some(map.next_value::<String>()?),
-                        "remark" if remark.is_none() => remark = Some(map.next_value::<String>()?),
-                        "domain" | "remark" => return Err(de::Error::duplicate_field("domain or remark")),
-                        _ => {
-                            // reported by the validator, with the other unknown keys
-                            map.next_value::<de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                let domain = domain.ok_or_else(|| de::Error::missing_field("domain"))?;
-                Ok(RawEntry { domain, remark })
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, r#"a string or a table {{ {} = "…", remark = "…" }}"#, self.key)
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+        Ok((value.to_owned(), None))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut value = None;
+        let mut remark = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == self.key && value.is_none() {
+                value = Some(map.next_value::<String>()?);
+            } else if key == "remark" && remark.is_none() {
+                remark = Some(map.next_value::<String>()?);
+            } else if key == self.key || key == "remark" {
+                return Err(de::Error::custom(format!("duplicate key `{key}`")));
+            } else {
+                // reported by the validator, with the other unknown keys
+                map.next_value::<de::IgnoredAny>()?;
             }
         }
-
-        deserializer.deserialize_any(EntryVisitor)
+        let value = value.ok_or_else(|| de::Error::missing_field(self.key))?;
+        Ok((value, remark))
     }
 }
 

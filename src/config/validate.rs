@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
-use super::schema::{HumanDuration, RawApp, RawAppsFile, RawConfig, RawEntry, RawTls, SpannedList};
+use super::schema::{HumanDuration, RawApi, RawApp, RawAppsFile, RawConfig, RawEntry, RawTls, SpannedList};
 use super::{
     AdminUser, Binding, Config, ConfigError, ConfigErrors, Dns, Limits, ListenerSpec, Role, Server, TlsSettings,
 };
@@ -759,12 +759,16 @@ impl Validator {
         let server_domains = self.domain_list(source, raw.server_domains.as_ref(), "server_domains", max_server);
         let webview_domains = self.domain_list(source, raw.webview_domains.as_ref(), "webview_domains", max_webview);
         let mut api_whitelist = HashSet::new();
+        let mut api_entries = Vec::new();
         for api in raw.api_whitelist.iter().flatten() {
-            let name = api.get_ref();
+            let RawApi { name, remark } = api.get_ref();
+            self.remark(source, api.span(), name, remark.as_deref());
             if name.is_empty() || name.chars().any(char::is_whitespace) {
                 self.error(source, api.span(), format!("API name {name:?} must be non-empty, without spaces"));
             } else if !api_whitelist.insert(name.as_str().into()) {
                 self.error(source, api.span(), format!("duplicate API {name:?} in api_whitelist"));
+            } else {
+                api_entries.push((name.as_str().into(), remark.as_deref().map(Into::into)));
             }
         }
         valid_id.then(|| App {
@@ -775,7 +779,15 @@ impl Validator {
             server_domains,
             webview_domains,
             api_whitelist,
+            api_entries,
         })
+    }
+
+    /// An entry's remark is at most [`MAX_REMARK_CHARS`] characters.
+    fn remark(&mut self, source: usize, span: std::ops::Range<usize>, entry: &str, remark: Option<&str>) {
+        if remark.is_some_and(|remark| remark.chars().count() > MAX_REMARK_CHARS) {
+            self.error(source, span, format!("the remark of {entry:?} is longer than {MAX_REMARK_CHARS} characters"));
+        }
     }
 
     fn domain_list(&mut self, source: usize, raw: Option<&SpannedList<RawEntry>>, key: &str, max: usize) -> DomainList {
@@ -794,15 +806,7 @@ impl Validator {
         let mut positions: Vec<usize> = Vec::with_capacity(raw.get_ref().len());
         for (position, item) in raw.get_ref().iter().take(max).enumerate() {
             let RawEntry { domain, remark } = item.get_ref();
-            if let Some(remark) = remark
-                && remark.chars().count() > MAX_REMARK_CHARS
-            {
-                self.error(
-                    source,
-                    item.span(),
-                    format!("the remark of {domain:?} is longer than {MAX_REMARK_CHARS} characters"),
-                );
-            }
+            self.remark(source, item.span(), domain, remark.as_deref());
             match parse_entry(domain) {
                 Ok(mut entry) => {
                     entry.remark = remark.as_deref().map(Into::into);
@@ -950,6 +954,30 @@ id = "demo"
                 "gw.toml:10:43: unknown field `remrk` in app[1].server_domains[0]",
             ]
         );
+    }
+
+    #[test]
+    fn api_entries_take_remarks_with_the_domains_rules() {
+        let long = "r".repeat(201);
+        let text = format!(
+            "[[app]]\nid = \"a\"\napi_whitelist = [\"shop.pay\", {{ api = \"shop.share\", remark = \"{long}\" }}, \
+             {{ api = \"shop.pay\" }}, {{ api = \"x\", remrk = \"y\" }}, {{ remark = \"z\" }}]\n"
+        );
+        let errors = errors(&text);
+        assert_eq!(errors.len(), 2, "{errors:?}"); // a table without `api` stops the parse there
+        assert!(errors[1].contains("missing field `api`"), "{errors:?}");
+        let text = text.replace(", { remark = \"z\" }", "");
+        assert_eq!(super::tests::errors(&text), ["gw.toml:3:303: unknown field `remrk` in app[0].api_whitelist[3]"]);
+        let text = text.replace(", { api = \"x\", remrk = \"y\" }", "");
+        assert_eq!(
+            super::tests::errors(&text),
+            [
+                r#"gw.toml:3:30: the remark of "shop.share" is longer than 200 characters"#,
+                r#"gw.toml:3:268: duplicate API "shop.pay" in api_whitelist"#,
+            ]
+        );
+        let config = load_text(Path::new("gw.toml"), "[[app]]\nid = \"a\"\napi_whitelist = [{ api = \"shop.pay\", remark = \"pay\" }]\n".into(), &mut AppsCache::default()).unwrap();
+        assert_eq!(config.policy.app("a").unwrap().api_entries, [("shop.pay".into(), Some("pay".into()))]);
     }
 
     #[test]

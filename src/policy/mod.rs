@@ -328,6 +328,8 @@ pub struct App {
     pub server_domains: DomainList,
     pub webview_domains: DomainList,
     pub api_whitelist: HashSet<Box<str>>,
+    /// The `api_whitelist` entries in the config's order, with their remarks (for views).
+    pub api_entries: Vec<(Box<str>, Option<Box<str>>)>,
 }
 
 impl App {

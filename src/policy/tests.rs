@@ -17,6 +17,7 @@ fn app(id: &str, action: Action, server: &[&str], webview: &[&str]) -> App {
         server_domains: list(server),
         webview_domains: list(webview),
         api_whitelist: HashSet::new(),
+        api_entries: Vec::new(),
     }
 }
 
