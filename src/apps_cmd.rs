@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::audit::{AuditLog, Record};
+use crate::audit::Record;
 use crate::config::{self, Config};
 use crate::store::{AppDoc, FileStore, Place, Step, Store, parse_apps, plan, read_all};
 
@@ -85,7 +85,8 @@ pub fn diff(config_path: &Path, file: &Path, prune: bool) -> Result<String, Stri
     Ok(out)
 }
 
-/// Import `file`: validate every change, then write them; returns what was done.
+/// Import `file`: validate the config as it would be with every change made, then make them,
+/// each through the store (atomic, and audited as user `import`); returns what was done.
 pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, String> {
     let config = load(config_path)?;
     let (store, steps) = steps(&config, file, prune)?;
@@ -95,7 +96,6 @@ pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, St
             defined.display()
         ));
     }
-    let loader = config::Loader::new(&config.path);
     let mut writes = Vec::new();
     let mut problems = String::new();
     for step in &steps {
@@ -105,13 +105,13 @@ pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, St
             Step::Delete(id) => (id.as_str(), None, None),
             Step::ReadOnly(..) => continue,
         };
-        let (revision, current, read) = match store.place(id).map_err(|e| e.to_string())? {
-            Place::Writable(stored) => (stored.revision, Some(stored.doc), Some(stored.text)),
-            _ => (0, None, None),
+        let current = match store.place(id).map_err(|e| e.to_string())? {
+            Place::Writable(stored) => Some(stored),
+            _ => None,
         };
         let doc = doc.map(|doc| {
             let mut doc = doc.clone();
-            doc.token = Some(doc.token_after(current.as_ref()));
+            doc.token = Some(doc.token_after(current.as_ref().map(|stored| &stored.doc)));
             doc
         });
         if let Some(doc) = &doc
@@ -121,40 +121,45 @@ pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, St
             let _ = writeln!(problems, "app {id:?} had a token, which a JSON export does not hold: import TOML");
             continue;
         }
-        let rendered = store.render(id, doc.as_ref(), revision + 1);
-        if let Err(errors) = loader.load_candidate(&rendered.file, rendered.text.as_deref()) {
-            let _ = writeln!(problems, "{errors}");
-        }
-        writes.push((id.to_owned(), rendered, before.cloned().or(current), doc, revision + 1, read));
+        let revision = store.next_revision(id, current.as_ref()).map_err(|e| e.to_string())?;
+        let rendered = store.render(id, doc.as_ref(), revision);
+        let before = before.cloned().or_else(|| current.as_ref().map(|stored| stored.doc.clone()));
+        writes.push((id.to_owned(), rendered, current, before, doc, revision));
+    }
+    // The whole import is checked as one: two apps that are each fine alone may not be together.
+    let changes: Vec<_> =
+        writes.iter().map(|(_, rendered, ..)| (rendered.file.clone(), rendered.text.clone())).collect();
+    if let Err(errors) = config::Loader::new(&config.path).load_candidate(&changes) {
+        let _ = writeln!(problems, "{errors}");
     }
     if !problems.is_empty() {
         return Err(format!("nothing was imported:\n{}", problems.trim_end()));
     }
-    let audit = config.apps_dir.as_deref().map(AuditLog::beside);
     let mut out = String::new();
-    for (id, rendered, before, after, revision, read) in &writes {
-        store
-            .write(id, rendered, read.as_deref())
-            .map_err(|e| format!("cannot write {}: {e}", rendered.file.display()))?;
+    for (id, rendered, current, before, after, revision) in &writes {
         let change = match (before, after) {
             (None, _) => "create",
             (_, None) => "delete",
             _ => "replace",
         };
-        if let Some(audit) = &audit {
-            let record = Record {
-                time: Record::now(),
-                app: id.clone(),
-                revision: Some(*revision),
-                user: "import".to_owned(),
-                client: "cli".to_owned(),
-                change: change.to_owned(),
-                outcome: "applied".to_owned(),
-                before: before.clone(),
-                after: after.clone(),
-            };
-            audit.append(&record).map_err(|e| format!("cannot write the audit log: {e}"))?;
+        let mut after = after.clone();
+        if let Some(after) = &mut after {
+            after.has_token = after.token.as_ref().is_some_and(Option::is_some);
         }
+        let record = Record {
+            time: Record::now(),
+            app: id.clone(),
+            revision: Some(*revision),
+            user: "import".to_owned(),
+            client: "cli".to_owned(),
+            change: change.to_owned(),
+            outcome: "applied".to_owned(),
+            before: before.clone(),
+            after,
+        };
+        store
+            .put(rendered, current.as_ref(), &record)
+            .map_err(|e| format!("{out}cannot write {}: {e}; the rest was not imported", rendered.file.display()))?;
         let _ = writeln!(out, "{change} {id} (revision {revision})");
     }
     let _ = writeln!(out, "{} change{} imported", writes.len(), if writes.len() == 1 { "" } else { "s" });

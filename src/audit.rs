@@ -5,7 +5,8 @@
 //! next free `….N` (1, 2, …: none is ever deleted) and a new one begins. An app's history is
 //! read back from all of them. Tokens are never recorded.
 
-use std::io::{BufRead, Write};
+use std::collections::HashMap;
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -45,6 +46,51 @@ pub struct AuditLog {
     path: PathBuf,
     /// Appends one at a time, so lines never interleave.
     append: Mutex<()>,
+    /// Every app's history as last read, kept up to date with this log's own appends and read
+    /// again whenever the file is not the one it was read from (another writer appended, or it
+    /// was rotated): an import of many apps reads the log once, not once an app.
+    index: Mutex<Option<Index>>,
+}
+
+/// The applied changes of each app (oldest first), and which file, at what length, they are of.
+struct Index {
+    file: FileId,
+    by_app: HashMap<String, Vec<Record>>,
+}
+
+/// A file as far as appends are concerned: its inode and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    inode: u64,
+    len: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<Option<FileId>> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(meta) => Ok(Some(FileId { inode: meta.ino(), len: meta.len() })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Index {
+    /// Take `record` into the history of its app: an applied change is added; a failure to
+    /// make it (the app's next record, with the same revision) takes it out again.
+    fn take(&mut self, record: Record) {
+        let records = self.by_app.entry(record.app.clone()).or_default();
+        match record.outcome.as_str() {
+            "applied" => records.push(record),
+            "conflict" | "write_failed" | "reload_failed"
+                if records.last().is_some_and(|last| last.revision == record.revision) =>
+            {
+                records.pop();
+            }
+            _ => {}
+        }
+    }
 }
 
 impl AuditLog {
@@ -52,7 +98,7 @@ impl AuditLog {
     pub fn beside(apps_dir: &Path) -> AuditLog {
         let name = apps_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "apps".into());
         let path = apps_dir.with_file_name(format!("{name}.audit.jsonl"));
-        AuditLog { path, append: Mutex::new(()) }
+        AuditLog { path, append: Mutex::new(()), index: Mutex::new(None) }
     }
 
     pub fn path(&self) -> &Path {
@@ -72,7 +118,8 @@ impl AuditLog {
     }
 
     fn sync_dir(&self) -> std::io::Result<()> {
-        std::fs::File::open(self.path.parent().unwrap_or(Path::new(".")))?.sync_all()
+        let dir = self.path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
     }
 
     /// Append `record` and sync it to disk.
@@ -83,6 +130,7 @@ impl AuditLog {
             std::fs::rename(&self.path, self.rotated(next))?;
         }
         let new_file = !self.path.exists();
+        let before = FileId::of(&self.path)?;
         let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(&self.path)?;
@@ -94,38 +142,51 @@ impl AuditLog {
         if new_file {
             self.sync_dir()?; // a new file (after a rotation, too) is a change of the directory
         }
+        let mut index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match index.as_mut() {
+            // The index was of the file as it was just before this line: it stays current.
+            Some(current) if before == Some(current.file) => {
+                current.take(record.clone());
+                current.file.len += line.len() as u64;
+            }
+            _ => *index = None,
+        }
         Ok(())
     }
 
     /// The applied changes of `app`, newest first. A change is recorded `applied` before it is
-    /// made; one that then failed (`conflict`, `write_failed`, `reload_failed`, recorded with
-    /// the same revision) is left out.
+    /// made; one that then failed (the app's next record is `conflict`, `write_failed` or
+    /// `reload_failed` with the same revision) is left out.
     pub fn history(&self, app: &str) -> std::io::Result<Vec<Record>> {
-        let mut records = Vec::new();
-        let mut undone = std::collections::HashSet::new();
+        let mut index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = FileId::of(&self.path)?.unwrap_or(FileId { inode: 0, len: 0 });
+        if index.as_ref().is_none_or(|index| index.file != now) {
+            *index = Some(self.read_index(now)?);
+        }
+        let mut records = index.as_ref().and_then(|index| index.by_app.get(app)).cloned().unwrap_or_default();
+        records.reverse();
+        Ok(records)
+    }
+
+    /// Read every record of every file, oldest first.
+    fn read_index(&self, file: FileId) -> std::io::Result<Index> {
+        let mut index = Index { file, by_app: HashMap::new() };
         for path in self.rotations().into_iter().chain([self.path.clone()]) {
-            let file = match std::fs::File::open(&path) {
-                Ok(file) => file,
+            let opened = match std::fs::File::open(&path) {
+                Ok(opened) => opened,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            for line in std::io::BufReader::new(file).lines() {
-                let line = line?;
+            // Only what was there when `file` was taken: a line appended since is read next time.
+            let limit = if path == self.path { file.len } else { u64::MAX };
+            for line in std::io::BufReader::new(opened.take(limit)).lines() {
                 // A line cut short by a crash is skipped, not fatal.
-                let Ok(record) = serde_json::from_str::<Record>(&line) else { continue };
-                if record.app != app {
-                    continue;
-                }
-                match record.outcome.as_str() {
-                    "applied" => records.push(record),
-                    "conflict" | "write_failed" | "reload_failed" => drop(undone.insert(record.revision)),
-                    _ => {}
+                if let Ok(record) = serde_json::from_str::<Record>(&line?) {
+                    index.take(record);
                 }
             }
         }
-        records.retain(|record| !undone.contains(&record.revision));
-        records.reverse();
-        Ok(records)
+        Ok(index)
     }
 }
 
@@ -171,7 +232,12 @@ mod tests {
         log.append(&record("shop", 2, "applied")).unwrap();
         std::fs::OpenOptions::new().append(true).open(log.path()).unwrap().write_all(b"{\"time\":\"cut sh").unwrap();
         log.append(&record("shop", 3, "applied")).unwrap(); // after the cut line, on a line of its own
+        // revision 4 failed to be put in force; the next change takes the number again
+        log.append(&record("shop", 4, "applied")).unwrap();
+        log.append(&record("other", 4, "applied")).unwrap();
+        log.append(&record("shop", 4, "reload_failed")).unwrap();
+        log.append(&record("shop", 4, "applied")).unwrap();
         let revisions: Vec<Option<u64>> = log.history("shop").unwrap().iter().map(|r| r.revision).collect();
-        assert_eq!(revisions, [Some(3), Some(2), Some(1)]);
+        assert_eq!(revisions, [Some(4), Some(3), Some(2), Some(1)]);
     }
 }

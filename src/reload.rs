@@ -48,6 +48,15 @@ pub struct Reloader {
     loader: tokio::sync::Mutex<Loader>,
     /// The fingerprint of the config's files as the last reload found them.
     last_seen: std::sync::Mutex<u64>,
+    /// The store of the config in force, kept while its files stay the same (it keeps an index
+    /// of the audit log).
+    store: std::sync::Mutex<Option<StoreFor>>,
+}
+
+/// A store, and the config file and `apps_dir` it was made for.
+struct StoreFor {
+    files: (PathBuf, Option<PathBuf>),
+    store: Arc<dyn crate::store::Store>,
 }
 
 /// Set the gauges that describe the snapshot in force.
@@ -129,7 +138,12 @@ fn fingerprint(config: &Config) -> u64 {
 impl Reloader {
     pub(crate) fn new(shared: Arc<Shared>, loader: Loader) -> Reloader {
         let last_seen = fingerprint(&shared.live.load().config);
-        Reloader { shared, loader: tokio::sync::Mutex::new(loader), last_seen: std::sync::Mutex::new(last_seen) }
+        Reloader {
+            shared,
+            loader: tokio::sync::Mutex::new(loader),
+            last_seen: std::sync::Mutex::new(last_seen),
+            store: std::sync::Mutex::new(None),
+        }
     }
 
     fn fail(&self, trigger: Trigger, generation: u64, errors: ConfigErrors) -> Result<u64, ConfigErrors> {
@@ -200,11 +214,11 @@ impl Reloader {
         Ok(generation)
     }
 
-    /// Validate the config as it would be with the `apps_dir` file `file` holding `text` (or
-    /// removed), with check's rules and the apps already validated; changes nothing.
-    pub async fn check_candidate(&self, file: PathBuf, text: Option<String>) -> Result<Config, ConfigErrors> {
+    /// Validate the config as it would be with each `apps_dir` file of `changes` holding its
+    /// text (or removed), with check's rules and the apps already validated; changes nothing.
+    pub async fn check_candidate(&self, changes: Vec<(PathBuf, Option<String>)>) -> Result<Config, ConfigErrors> {
         let loader = self.loader.lock().await.clone();
-        let checked = tokio::task::spawn_blocking(move || loader.load_candidate(&file, text.as_deref()));
+        let checked = tokio::task::spawn_blocking(move || loader.load_candidate(&changes));
         checked.await.unwrap_or_else(|e| {
             let message = format!("the check failed: {e}");
             Err(ConfigErrors(vec![ConfigError::whole_file(Path::new(""), message)]))
@@ -218,6 +232,21 @@ impl Reloader {
         let last = *self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if print.is_ok_and(|print| print != last) {
             let _ = self.reload(Trigger::Periodic).await;
+        }
+    }
+
+    /// The store of the config in force: where the management API reads and writes apps.
+    pub fn store(&self) -> Arc<dyn crate::store::Store> {
+        let files = self.config_files();
+        let mut kept = self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match kept.as_ref() {
+            Some(kept) if kept.files == files => kept.store.clone(),
+            _ => {
+                let store: Arc<dyn crate::store::Store> =
+                    Arc::new(crate::store::FileStore::new(&files.0, files.1.as_deref()));
+                *kept = Some(StoreFor { files, store: store.clone() });
+                store
+            }
         }
     }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditLog, Record};
 use crate::config::schema::{RawApp, RawAppsFile, RawEntry};
 use crate::policy::Action;
 
@@ -163,17 +164,31 @@ pub enum Place {
     ReadOnly(PathBuf),
 }
 
-/// Where apps live and where edits go. Reads see what is on the store now (which the policy
-/// in force catches up with on the next reload).
+/// Where apps live and where edits go, with their history. Reads see what is on the store now
+/// (which the policy in force catches up with on the next reload). Nothing here knows about
+/// HTTP: the admin API and `apps import` drive it the same way (find the app, render the new
+/// definition, validate it with check's rules, put it), whatever the store keeps it in.
 pub trait Store: Send + Sync {
     /// Where `id` is defined, and its current state when the store can write it.
     fn place(&self, id: &str) -> std::io::Result<Place>;
-    /// What the store would write for `doc` at `revision`: checked by the caller before it
-    /// is written (`None`: the app is removed).
+    /// The app's definition as the config's text for `doc` at `revision` (`None`: the app is
+    /// removed): what a change is validated as, before [`Store::put`] makes it.
     fn render(&self, id: &str, doc: Option<&AppDoc>, revision: u64) -> Rendered;
-    /// Make `rendered` the app's definition, if the app is still as `read` (its file's text
-    /// then; `None`: it had none). A change made meanwhile is [`WriteError::Changed`].
-    fn write(&self, id: &str, rendered: &Rendered, read: Option<&str>) -> Result<(), WriteError>;
+    /// The app's applied changes, newest first, with any the store sees that nobody recorded
+    /// (a hand edit) on top.
+    fn history(&self, id: &str) -> std::io::Result<Vec<Record>>;
+    /// The revision a change to `id` makes: past every revision the app ever had, even one
+    /// it had before it was deleted.
+    fn next_revision(&self, id: &str, current: Option<&Stored>) -> std::io::Result<u64>;
+    /// Keep the record of an attempt that changed nothing (refused, a dry run).
+    fn note(&self, record: &Record) -> std::io::Result<()>;
+    /// Make `rendered` the app's definition, if the app is still as `current` was read, and
+    /// keep `record` of it: the record is kept before the change is made, so a change is never
+    /// in force without one. A change made meanwhile is [`WriteError::Changed`].
+    fn put(&self, rendered: &Rendered, current: Option<&Stored>, record: &Record) -> Result<(), WriteError>;
+    /// Undo a [`Store::put`] whose change could not be put in force: the app goes back to
+    /// `previous`, and `record` (its outcome says why) takes the change out of the history.
+    fn restore(&self, rendered: &Rendered, previous: Option<&Stored>, record: &Record) -> std::io::Result<()>;
 }
 
 /// Why a write was not made.
@@ -211,16 +226,33 @@ impl Rendered {
 /// The first line of a file the store wrote: `# revision N`, then why it is there.
 const REVISION_MARK: &str = "# revision ";
 
-/// The file store: `apps_dir/<id>.toml`.
+/// The file store: `apps_dir/<id>.toml`, and the audit log beside `apps_dir`.
 pub struct FileStore {
     /// The main config file (apps defined there are read-only).
     config: PathBuf,
     apps_dir: Option<PathBuf>,
+    audit: Option<AuditLog>,
 }
 
 impl FileStore {
     pub fn new(config: &Path, apps_dir: Option<&Path>) -> FileStore {
-        FileStore { config: config.to_path_buf(), apps_dir: apps_dir.map(Path::to_path_buf) }
+        let audit = apps_dir.map(AuditLog::beside);
+        FileStore { config: config.to_path_buf(), apps_dir: apps_dir.map(Path::to_path_buf), audit }
+    }
+
+    /// Keep `record` in the audit log (a store without `apps_dir` writes nothing, so keeps none).
+    fn append(&self, record: &Record) -> std::io::Result<()> {
+        match &self.audit {
+            Some(log) => log.append(record).inspect_err(|e| {
+                tracing::error!(error = %e, file = %log.path().display(), "cannot write the audit log");
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The recorded changes of `id`, newest first (without a hand edit since).
+    fn recorded(&self, id: &str) -> std::io::Result<Vec<Record>> {
+        self.audit.as_ref().map_or(Ok(Vec::new()), |log| log.history(id))
     }
 
     fn file_of(&self, id: &str) -> Option<PathBuf> {
@@ -271,10 +303,7 @@ fn entry_docs(entries: Option<&crate::config::schema::SpannedList<RawEntry>>) ->
         .map(|list| {
             list.get_ref()
                 .iter()
-                .map(|entry| EntryDoc {
-                    value: entry.get_ref().domain.clone(),
-                    remark: entry.get_ref().remark.clone(),
-                })
+                .map(|entry| EntryDoc { value: entry.get_ref().domain.clone(), remark: entry.get_ref().remark.clone() })
                 .collect()
         })
         .unwrap_or_default()
@@ -403,7 +432,28 @@ impl Store for FileStore {
         Rendered { file, text: Some(text), lines }
     }
 
-    fn write(&self, _id: &str, rendered: &Rendered, read: Option<&str>) -> Result<(), WriteError> {
+    fn history(&self, id: &str) -> std::io::Result<Vec<Record>> {
+        let mut records = self.recorded(id)?;
+        if let Place::Writable(stored) = self.place(id)?
+            && let Some(edit) = hand_edit(&stored, &records)
+        {
+            records.insert(0, edit);
+        }
+        Ok(records)
+    }
+
+    fn next_revision(&self, id: &str, current: Option<&Stored>) -> std::io::Result<u64> {
+        // The audit log remembers the highest revision, also of a deleted app, and of one whose
+        // file lost its first line.
+        let audited = self.recorded(id)?.first().and_then(|record| record.revision);
+        Ok(current.map(|stored| stored.revision).max(audited).unwrap_or(0).saturating_add(1))
+    }
+
+    fn note(&self, record: &Record) -> std::io::Result<()> {
+        self.append(record)
+    }
+
+    fn put(&self, rendered: &Rendered, current: Option<&Stored>, record: &Record) -> Result<(), WriteError> {
         let dir = rendered.file.parent().unwrap_or(Path::new("."));
         // Held from the check to the rename: another process writing this store (an import, a
         // replica on a shared volume) waits, and a hand edit made since the read is not lost.
@@ -413,36 +463,124 @@ impl Store for FileStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e.into()),
         };
-        if now.as_deref() != read {
+        if now.as_deref() != current.map(|stored| stored.text.as_str()) {
             return Err(WriteError::Changed);
         }
-        match &rendered.text {
-            None => std::fs::remove_file(&rendered.file)?,
-            Some(text) => {
-                // Not `*.toml`: a reload never reads it half-written. A new name each time,
-                // created new, owner-only (the file may hold the app's proxy password).
-                let name = rendered.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let mut nonce = [0u8; 8];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-                    .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
-                let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-                let temp = dir.join(format!(".{name}.{nonce}.tmp"));
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&temp)?;
-                let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
-                if let Err(e) = written.and_then(|()| std::fs::rename(&temp, &rendered.file)) {
-                    let _ = std::fs::remove_file(&temp);
-                    return Err(e.into());
-                }
-            }
+        // A hand edit since the last recorded change goes into the record first, as a change
+        // by `file`; then this change, before it is made.
+        if let Some(stored) = current
+            && let Some(edit) = hand_edit(stored, &self.recorded(&record.app)?)
+        {
+            self.append(&edit)?;
         }
-        std::fs::File::open(dir)?.sync_all()?;
+        self.append(record)?;
+        let made = match &rendered.text {
+            None => std::fs::remove_file(&rendered.file),
+            Some(text) => replace_file(&rendered.file, text),
+        };
+        let made = made.and_then(|()| std::fs::File::open(dir)?.sync_all());
+        if let Err(e) = made {
+            let _ = self.append(&Record {
+                outcome: "write_failed".to_owned(),
+                before: None,
+                after: None,
+                ..record.clone()
+            });
+            return Err(e.into());
+        }
         Ok(())
     }
+
+    fn restore(&self, rendered: &Rendered, previous: Option<&Stored>, record: &Record) -> std::io::Result<()> {
+        let _lock = lock_dir(rendered.file.parent().unwrap_or(Path::new(".")))?;
+        self.append(record)?;
+        match previous {
+            Some(stored) => replace_file(&rendered.file, &stored.text),
+            None => std::fs::remove_file(&rendered.file),
+        }
+    }
+}
+
+/// Make `text` the content of `file`, atomically: a new file beside it (not `*.toml`, so a
+/// reload never reads it half-written; a new name each time, created new, owner-only, as it may
+/// hold an app's proxy password), synced, then renamed over `file`. The caller syncs the
+/// directory.
+fn replace_file(file: &Path, text: &str) -> std::io::Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut nonce = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let temp = dir.join(format!(".{name}.{nonce}{TEMP_SUFFIX}"));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)?;
+    let written = out.write_all(text.as_bytes()).and_then(|()| out.sync_all());
+    if let Err(e) = written.and_then(|()| rename(&temp, file)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// What a store's temporary files end with: a writer that died before its rename leaves one.
+pub const TEMP_SUFFIX: &str = ".tmp";
+
+#[cfg(not(test))]
+fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)
+}
+
+/// The unit tests' rename, which fails on demand to show what a failed rename leaves.
+#[cfg(test)]
+fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    if tests::FAIL_RENAME.with(std::cell::Cell::get) {
+        return Err(std::io::Error::other("rename failed (on purpose)"));
+    }
+    std::fs::rename(from, to)
+}
+
+/// Remove the temporary files that writers which died before their rename left in `dir` (those
+/// older than `age`: a live writer's is seconds old at most); returns how many. Run at start.
+pub fn remove_stale_temporaries(dir: &Path, age: std::time::Duration) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let old = entry.metadata()?.modified()?.elapsed().is_ok_and(|elapsed| elapsed >= age);
+        if old && name.starts_with('.') && name.ends_with(TEMP_SUFFIX) && name.contains(".toml.") {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// The change by `file` that an app's file shows when it was edited by hand since the last
+/// recorded change (`records`, newest first): its revision is past the last one recorded.
+fn hand_edit(stored: &Stored, records: &[Record]) -> Option<Record> {
+    let last = records.first();
+    if last.and_then(|record| record.revision).is_some_and(|recorded| stored.revision <= recorded) {
+        return None;
+    }
+    let mut after = stored.doc.clone();
+    after.token = None; // never recorded
+    Some(Record {
+        time: Record::now(),
+        app: after.id.clone(),
+        revision: Some(stored.revision),
+        user: "file".to_owned(),
+        client: String::new(),
+        change: if last.is_some() { "edit" } else { "create" }.to_owned(),
+        outcome: "applied".to_owned(),
+        before: last.and_then(|record| record.after.clone()),
+        after: Some(after),
+    })
 }
 
 /// The `*.toml` files of `apps_dir`, in name order.
@@ -603,6 +741,38 @@ pub fn plan(store: &dyn Store, current: &[AppDoc], incoming: &[AppDoc], prune: b
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// Makes [`super::rename`] fail in this test's thread.
+        pub static FAIL_RENAME: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    fn record(id: &str, revision: u64) -> Record {
+        Record {
+            time: Record::now(),
+            app: id.into(),
+            revision: Some(revision),
+            user: "ed".into(),
+            client: "test".into(),
+            change: "replace".into(),
+            outcome: "applied".into(),
+            before: None,
+            after: None,
+        }
+    }
+
+    fn stored(store: &FileStore, id: &str) -> Stored {
+        let Place::Writable(stored) = store.place(id).unwrap() else { panic!("{id} is not writable") };
+        stored
+    }
+
+    fn temporaries(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count()
+    }
+
     fn store() -> (tempfile::TempDir, FileStore) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("apps")).unwrap();
@@ -634,8 +804,8 @@ mod tests {
     fn a_rendered_app_reads_back_the_same_with_its_revision() {
         let (_dir, store) = store();
         let rendered = store.render("shop", Some(&doc()), 7);
-        store.write("shop", &rendered, None).unwrap();
-        let Place::Writable(stored) = store.place("shop").unwrap() else { panic!("not writable") };
+        store.put(&rendered, None, &record("shop", 7)).unwrap();
+        let stored = stored(&store, "shop");
         let mut expected = doc();
         expected.has_token = true;
         assert_eq!((&stored.doc, stored.revision), (&expected, 7));
@@ -657,25 +827,74 @@ mod tests {
     fn a_hand_edit_is_a_new_revision_and_is_never_written_over() {
         let (dir, store) = store();
         let file = dir.path().join("apps/shop.toml");
-        store.write("shop", &store.render("shop", Some(&doc()), 3), None).unwrap();
-        let Place::Writable(read) = store.place("shop").unwrap() else { panic!() };
+        store.put(&store.render("shop", Some(&doc()), 3), None, &record("shop", 3)).unwrap();
+        let read = stored(&store, "shop");
         // edited by hand after the read
         let edited = format!("{}# a note by hand\n", read.text);
         std::fs::write(&file, &edited).unwrap();
-        let Place::Writable(now) = store.place("shop").unwrap() else { panic!() };
+        let now = stored(&store, "shop");
         assert_eq!(now.revision, 4, "the revision line no longer matches the body");
-        let next = store.render("shop", Some(&doc()), 4);
-        assert!(matches!(store.write("shop", &next, Some(&read.text)), Err(WriteError::Changed)));
+        assert_eq!(store.next_revision("shop", Some(&now)).unwrap(), 5);
+        let history: Vec<(Option<u64>, String)> =
+            store.history("shop").unwrap().into_iter().map(|r| (r.revision, r.user)).collect();
+        assert_eq!(history, [(Some(4), "file".to_owned()), (Some(3), "ed".to_owned())]);
+        let next = store.render("shop", Some(&doc()), 5);
+        assert!(matches!(store.put(&next, Some(&read), &record("shop", 5)), Err(WriteError::Changed)));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), edited, "the hand edit is kept");
-        store.write("shop", &next, Some(&now.text)).unwrap();
+        store.put(&next, Some(&now), &record("shop", 5)).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600, "it may hold a token");
-        let leftovers = std::fs::read_dir(dir.path().join("apps"))
-            .unwrap()
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-            .count();
-        assert_eq!(leftovers, 0);
+        assert_eq!(temporaries(&dir.path().join("apps")), 0);
+        // the hand edit was recorded for good, before the change that followed it
+        let history: Vec<(Option<u64>, String)> =
+            store.recorded("shop").unwrap().into_iter().map(|r| (r.revision, r.user)).collect();
+        assert_eq!(history, [(Some(5), "ed".to_owned()), (Some(4), "file".to_owned()), (Some(3), "ed".to_owned())]);
+    }
+
+    #[test]
+    fn a_failed_rename_leaves_the_old_file_and_no_history() {
+        let (dir, store) = store();
+        let file = dir.path().join("apps/shop.toml");
+        store.put(&store.render("shop", Some(&doc()), 1), None, &record("shop", 1)).unwrap();
+        let before = stored(&store, "shop");
+        let mut changed = doc();
+        changed.action = Some(Action::Open);
+        let next = store.render("shop", Some(&changed), 2);
+        FAIL_RENAME.with(|fail| fail.set(true));
+        let failed = store.put(&next, Some(&before), &record("shop", 2));
+        FAIL_RENAME.with(|fail| fail.set(false));
+        assert!(matches!(failed, Err(WriteError::Io(_))), "{failed:?}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), before.text, "the old file is intact");
+        assert_eq!(temporaries(&dir.path().join("apps")), 0, "the temporary file is gone");
+        let revisions: Vec<Option<u64>> = store.history("shop").unwrap().iter().map(|r| r.revision).collect();
+        assert_eq!(revisions, [Some(1)], "the change that was not made is not in the history");
+        assert_eq!(store.next_revision("shop", Some(&before)).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_restored_change_leaves_the_history() {
+        let (dir, store) = store();
+        store.put(&store.render("shop", Some(&doc()), 1), None, &record("shop", 1)).unwrap();
+        let before = stored(&store, "shop");
+        let next = store.render("shop", None, 2);
+        store.put(&next, Some(&before), &record("shop", 2)).unwrap();
+        assert!(!dir.path().join("apps/shop.toml").exists());
+        let undone = Record { outcome: "reload_failed".into(), ..record("shop", 2) };
+        store.restore(&next, Some(&before), &undone).unwrap();
+        assert_eq!(stored(&store, "shop"), before);
+        let revisions: Vec<Option<u64>> = store.history("shop").unwrap().iter().map(|r| r.revision).collect();
+        assert_eq!(revisions, [Some(1)]);
+    }
+
+    #[test]
+    fn only_old_temporary_files_are_removed() {
+        let (dir, _store) = store();
+        let apps = dir.path().join("apps");
+        std::fs::write(apps.join(".shop.toml.0011223344556677.tmp"), "[[app]]\nid = \"sh").unwrap();
+        std::fs::write(apps.join("notes.tmp"), "mine").unwrap();
+        assert_eq!(remove_stale_temporaries(&apps, std::time::Duration::from_secs(60)).unwrap(), 0, "too new");
+        assert_eq!(remove_stale_temporaries(&apps, std::time::Duration::ZERO).unwrap(), 1);
+        assert!(apps.join("notes.tmp").exists(), "not a store's");
     }
 
     #[test]

@@ -576,3 +576,78 @@ fn apps_export_then_import_is_a_no_op_and_a_bad_import_writes_nothing() {
     assert_eq!(std::fs::read(dir.path().join("apps/shop.toml")).unwrap(), before);
     assert!(!dir.path().join("apps/another.toml").exists());
 }
+
+#[test]
+fn an_import_killed_at_any_moment_leaves_every_app_whole() {
+    const APPS: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, "[policy]\napps_dir = \"apps\"\n").unwrap();
+    let c = config.to_str().unwrap();
+    // Two versions of every app; each import moves all of them to the other one.
+    let version = |v: usize| -> String {
+        (0..APPS)
+            .map(|i| {
+                format!(
+                    "[[app]]\nid = \"app{i}\"\nserver_domains = [{{ domain = \"v{v}.app{i}.example\", remark = \"{}\" }}]\n",
+                    "r".repeat(150)
+                )
+            })
+            .collect()
+    };
+    let files = [dir.path().join("v0.toml"), dir.path().join("v1.toml")];
+    for (v, file) in files.iter().enumerate() {
+        std::fs::write(file, version(v)).unwrap();
+    }
+    let import = gateway(&["apps", "import", "-c", c, files[0].to_str().unwrap()]);
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let started = Instant::now();
+    let import = gateway(&["apps", "import", "-c", c, files[1].to_str().unwrap()]);
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let whole = started.elapsed();
+
+    // Twelve rounds, and more (up to 40) until three kills have landed between two writes.
+    let (mut killed_midway, mut rounds) = (0, 0);
+    for round in 0..40u32 {
+        if round >= 12 && killed_midway >= 3 {
+            break;
+        }
+        rounds += 1;
+        let file = &files[round as usize % 2];
+        let mut child = Command::new(BIN)
+            .args(["apps", "import", "-c", c, file.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // SIGKILL at moments spread over the time a whole import took.
+        std::thread::sleep(whole * (2 * (round % 12) + 1) / 24);
+        let _ = child.kill();
+        let _ = child.wait();
+
+        // Every app file is one whole version or the other, and the config loads.
+        let mut versions = [0; 2];
+        for i in 0..APPS {
+            let text = std::fs::read_to_string(dir.path().join(format!("apps/app{i}.toml"))).unwrap();
+            let v = usize::from(text.contains(&format!("\"v1.app{i}.example\"")));
+            assert!(text.contains(&format!("\"v{v}.app{i}.example\"")) && text.ends_with("]\n"), "{text}");
+            versions[v] += 1;
+        }
+        if versions[0] > 0 && versions[1] > 0 {
+            killed_midway += 1;
+        }
+        let check = gateway(&["check", "-c", c]);
+        assert!(check.status.success(), "round {round}: {}", String::from_utf8_lossy(&check.stderr));
+    }
+    eprintln!("{killed_midway} of {rounds} imports were killed between two apps' writes (a whole import: {whole:?})");
+    assert!(killed_midway > 0, "no kill landed between two writes: the test showed nothing");
+
+    // The history reads past anything a kill cut short, and the next import completes.
+    let import = gateway(&["apps", "import", "-c", c, files[1].to_str().unwrap()]);
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+    let check = gateway(&["check", "-c", c]);
+    assert_eq!(String::from_utf8(check.stdout).unwrap(), format!("ok: {APPS} apps, {APPS} entries\n"));
+    let diff = gateway(&["apps", "diff", "-c", c, files[1].to_str().unwrap()]);
+    assert_eq!(String::from_utf8(diff.stdout).unwrap(), "0 changes\n");
+}

@@ -382,3 +382,26 @@ async fn edits_by_hand_show_up_in_the_history_as_changes_by_file() {
         .collect();
     assert_eq!(users, [(4, "ed"), (3, "file"), (2, "ed"), (1, "file")]);
 }
+
+#[tokio::test]
+async fn a_start_removes_what_a_writer_killed_before_its_rename_left() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    std::fs::write(dir.path().join("apps/shop.toml"), "[[app]]\nid = \"shop\"\n").unwrap();
+    // A temporary file as a writer killed between writing and renaming it leaves one, from
+    // before the start, and one being written right now by a live writer.
+    let stale = dir.path().join("apps/.shop.toml.00112233aabbccdd.tmp");
+    std::fs::write(&stale, "[[app]]\nid = \"shop\"\nserver_domains = [\"half").unwrap();
+    let ten_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(ten_minutes_ago).unwrap();
+    let live = dir.path().join("apps/.shop.toml.8899aabbccddeeff.tmp");
+    std::fs::write(&live, "[[app]]\n").unwrap();
+    let path = dir.path().join("gateway.toml");
+    let config =
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[policy]\napps_dir = \"apps\"\n";
+    std::fs::write(&path, config).unwrap();
+    let gw = TestGateway::start_at(dir, path).await;
+    assert!(!stale.exists(), "the stale temporary file is removed at start");
+    assert!(live.exists(), "a live writer's is left alone");
+    assert_eq!(gw.metric("gateway_apps_loaded").await, 1.0);
+}

@@ -18,12 +18,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Body, error, json_response, read_body};
-use crate::audit::{AuditLog, Record};
+use crate::audit::Record;
 use crate::config::ConfigErrors;
 use crate::policy::Action;
 use crate::proxy::Shared;
 use crate::reload::{Reloader, Trigger};
-use crate::store::{AppDoc, EntryDoc, FileStore, Place, Store, Stored, WriteError};
+use crate::store::{AppDoc, EntryDoc, Place, Store, Stored, WriteError};
 
 /// One write at a time: a precondition is checked and the write made under the same lock.
 pub(crate) type WriteLock = tokio::sync::Mutex<()>;
@@ -84,9 +84,8 @@ fn app_response(status: StatusCode, stored: &Stored, generation: Option<u64>) ->
     response
 }
 
-fn store(reloader: &Reloader) -> FileStore {
-    let (config, apps_dir) = reloader.config_files();
-    FileStore::new(&config, apps_dir.as_deref())
+fn store(reloader: &Reloader) -> std::sync::Arc<dyn Store> {
+    reloader.store()
 }
 
 /// `GET /v1/apps/{id}` for an app the store can write: its document and revision. `None`
@@ -107,12 +106,13 @@ pub(crate) async fn draft(reloader: &Reloader, doc: AppDoc) -> Result<crate::con
     if !crate::policy::is_valid_app_id(&doc.id) {
         return Err(error(StatusCode::BAD_REQUEST, "a draft app needs an id: 1 to 64 characters of A-Z a-z 0-9 _ - ."));
     }
-    if reloader.config_files().1.is_none() {
-        return Err(error(StatusCode::CONFLICT, "checking a draft app needs an apps_dir in the config"));
+    let store = store(reloader);
+    if let Ok(Place::ReadOnly(file)) = store.place(&doc.id) {
+        return Err(read_only(&doc.id, &file));
     }
-    let rendered = store(reloader).render(&doc.id, Some(&doc), 1);
-    let file = rendered.file.clone();
-    reloader.check_candidate(file, rendered.text.clone()).await.map_err(|errors| invalid(&errors, &rendered))
+    let rendered = store.render(&doc.id, Some(&doc), 1);
+    let change = vec![(rendered.file.clone(), rendered.text.clone())];
+    reloader.check_candidate(change).await.map_err(|errors| invalid(&errors, &rendered))
 }
 
 /// Who is writing, for the audit record.
@@ -121,47 +121,25 @@ pub(crate) struct Who {
     pub client: String,
 }
 
-fn audit_log(reloader: &Reloader) -> Option<AuditLog> {
-    reloader.config_files().1.map(|dir| AuditLog::beside(&dir))
-}
-
 /// `GET /v1/apps/{id}/history`: the app's applied changes, newest first.
 pub(crate) fn history(reloader: &Reloader, id: &str) -> Response<Body> {
     if !crate::policy::is_valid_app_id(id) {
         return error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
     }
-    let mut records = match audit_log(reloader).map(|log| log.history(id)).transpose() {
-        Ok(records) => records.unwrap_or_default(),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the audit log: {e}")),
-    };
-    if let Ok(Place::Writable(stored)) = store(reloader).place(id)
-        && let Some(edit) = hand_edit(&stored, &records)
-    {
-        records.insert(0, edit);
+    match store(reloader).history(id) {
+        Ok(records) => json_response(StatusCode::OK, &json!({ "revisions": records })),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app's history: {e}")),
     }
-    json_response(StatusCode::OK, &json!({ "revisions": records }))
 }
 
-/// The change by `file` that an app's file shows when it was edited by hand since the last
-/// recorded change (`records`, newest first): its revision is past the last one recorded.
-fn hand_edit(stored: &Stored, records: &[Record]) -> Option<Record> {
-    let last = records.first();
-    if last.and_then(|record| record.revision).is_some_and(|recorded| stored.revision <= recorded) {
-        return None;
-    }
-    let mut after = stored.doc.clone();
-    after.token = None; // never recorded
-    Some(Record {
-        time: Record::now(),
-        app: after.id.clone(),
-        revision: Some(stored.revision),
-        user: "file".to_owned(),
-        client: String::new(),
-        change: if last.is_some() { "edit" } else { "create" }.to_owned(),
-        outcome: "applied".to_owned(),
-        before: last.and_then(|record| record.after.clone()),
-        after: Some(after),
-    })
+/// `409` for an app defined where the store does not write.
+fn read_only(id: &str, file: &std::path::Path) -> Response<Body> {
+    let message = format!(
+        "app {id:?} is defined in {}, which the admin API does not write: move its [[app]] table to \
+         apps_dir/{id}.toml (one app per file) to manage it here",
+        file.display()
+    );
+    error(StatusCode::CONFLICT, &message)
 }
 
 /// Route a write under `/v1/apps/{id}`; `rest` is what follows the id.
@@ -208,8 +186,9 @@ pub(crate) async fn write(
         },
         (&Method::POST, ["rollback"]) => match parse::<RollbackBody>(&body) {
             Ok(RollbackBody { revision }) => {
-                let found = audit_log(reloader)
-                    .and_then(|log| log.history(id).ok())
+                let found = store(reloader)
+                    .history(id)
+                    .ok()
                     .and_then(|records| records.into_iter().find(|r| r.revision == Some(revision)));
                 match found {
                     Some(record) => Change::Rollback(record.after.map(Box::new)),
@@ -381,7 +360,7 @@ struct Write<'a> {
 }
 
 impl Write<'_> {
-    /// Record the attempt in the audit log (and, when applied, in the log and the counter).
+    /// The record of this request's change with `outcome`.
     fn record(
         &self,
         kind: &str,
@@ -389,8 +368,8 @@ impl Write<'_> {
         revision: Option<u64>,
         before: Option<&AppDoc>,
         after: Option<&AppDoc>,
-    ) -> std::io::Result<()> {
-        let record = Record {
+    ) -> Record {
+        Record {
             time: Record::now(),
             app: self.id.to_owned(),
             revision,
@@ -400,39 +379,28 @@ impl Write<'_> {
             outcome: outcome.to_owned(),
             before: before.cloned(),
             after: after.cloned(),
-        };
-        if let Some(log) = audit_log(self.reloader)
-            && let Err(e) = log.append(&record)
-        {
-            tracing::error!(error = %e, file = %log.path().display(), "cannot write the audit log");
-            return Err(e);
         }
-        if outcome == "applied" {
-            self.shared.metrics.app_changes.with_label_values(&[kind]).inc();
-            tracing::info!(app = self.id, change = kind, revision, user = %self.who.user, client = %self.who.client, "app changed");
-        }
-        Ok(())
+    }
+
+    /// Keep the record of an attempt that changed nothing (a failure to keep it is logged by
+    /// the store: the answer is the refusal either way).
+    fn note(&self, store: &dyn Store, kind: &str, outcome: &str, revision: Option<u64>) {
+        let _ = store.note(&self.record(kind, outcome, revision, None, None));
     }
 }
 
 async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<Body> {
-    let Write { reloader, id, pre, dry_run, .. } = write;
+    let Write { shared, reloader, who, id, pre, dry_run } = write;
     if !crate::policy::is_valid_app_id(id) {
         return error(StatusCode::BAD_REQUEST, "an app id is 1 to 64 characters of A-Z a-z 0-9 _ - .");
     }
     let _one_at_a_time = lock.lock().await;
     let store = store(reloader);
+    let store = store.as_ref();
     let current = match store.place(id) {
         Ok(Place::Writable(stored)) => Some(stored),
         Ok(Place::Free) => None,
-        Ok(Place::ReadOnly(file)) => {
-            let message = format!(
-                "app {id:?} is defined in {}, which the admin API does not write: move its [[app]] table to \
-                 apps_dir/{id}.toml (one app per file) to manage it here",
-                file.display()
-            );
-            return error(StatusCode::CONFLICT, &message);
-        }
+        Ok(Place::ReadOnly(file)) => return read_only(id, &file),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app: {e}")),
     };
     let revision = current.as_ref().map(|stored| stored.revision);
@@ -453,11 +421,11 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         (Precondition::Absent, Some(current)) | (Precondition::Revision(_), Some(current))
             if pre != Precondition::Revision(current) =>
         {
-            let _ = write.record(kind, "precondition_failed", Some(current), None, None);
+            write.note(store, kind, "precondition_failed", Some(current));
             return stale(Some(current));
         }
         (Precondition::Revision(_), None) => {
-            let _ = write.record(kind, "precondition_failed", None, None, None);
+            write.note(store, kind, "precondition_failed", None);
             return stale(None);
         }
         (Precondition::None, _) if whole => {
@@ -472,39 +440,26 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     let doc = match changed(id, before, change) {
         Ok(doc) => doc,
         Err(refusal) => {
-            let _ = write.record(kind, "refused", revision, None, None);
+            write.note(store, kind, "refused", revision);
             return refusal;
         }
     };
-    // Never a revision number the app had before, even after it was deleted (the audit log
-    // remembers the highest) or when its file lost its first line.
-    let recorded = audit_log(reloader).and_then(|log| log.history(id).ok()).unwrap_or_default();
-    // A hand edit since the last recorded change goes into the record first, as a change by `file`.
-    if !dry_run
-        && let Some(stored) = &current
-        && let Some(edit) = hand_edit(stored, &recorded)
-        && let Some(log) = audit_log(reloader)
-        && let Err(e) = log.append(&edit)
-    {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot write the audit log, so nothing changed: {e}"),
-        );
-    }
-    let audited = recorded.first().and_then(|record| record.revision);
-    let next = revision.max(audited).unwrap_or(0).saturating_add(1);
+    let next = match store.next_revision(id, current.as_ref()) {
+        Ok(next) => next,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app's history: {e}")),
+    };
     if let Some(doc) = &doc
         && doc.has_token
         && doc.token.as_ref().is_none_or(Option::is_none)
     {
         // A rollback or import of an app that had a token, where none is left to keep.
-        let _ = write.record(kind, "refused", revision, None, None);
+        write.note(store, kind, "refused", revision);
         let message = "the app had a token, which records do not keep: send it (\"token\") to restore the app";
         return error(StatusCode::UNPROCESSABLE_ENTITY, message);
     }
     let rendered = store.render(id, doc.as_ref(), next);
-    if let Err(errors) = reloader.check_candidate(rendered.file.clone(), rendered.text.clone()).await {
-        let _ = write.record(kind, "invalid", revision, None, None);
+    if let Err(errors) = reloader.check_candidate(vec![(rendered.file.clone(), rendered.text.clone())]).await {
+        write.note(store, kind, "invalid", revision);
         return invalid(&errors, &rendered);
     }
     let shown = doc.map(|mut doc| {
@@ -512,33 +467,25 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         Stored { doc, revision: next, text: String::new() }
     });
     if dry_run {
-        let _ = write.record(kind, "dry_run", Some(next), None, None);
+        write.note(store, kind, "dry_run", Some(next));
         let mut value = shown.as_ref().map(|s| serde_json::to_value(&s.doc).unwrap_or_default()).unwrap_or(json!(null));
         if let Some(stored) = &shown {
             value["revision"] = json!(stored.revision);
         }
         return json_response(StatusCode::OK, &json!({ "dry_run": true, "app": value }));
     }
-    // Recorded before it is made: a change is never in force without its record.
-    if let Err(e) = write.record(kind, "applied", Some(next), before, shown.as_ref().map(|stored| &stored.doc)) {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("cannot write the audit log, so nothing changed: {e}"),
-        );
-    }
-    let read = current.as_ref().map(|stored| stored.text.as_str());
-    match store.write(id, &rendered, read) {
+    let record = write.record(kind, "applied", Some(next), before, shown.as_ref().map(|stored| &stored.doc));
+    match store.put(&rendered, current.as_ref(), &record) {
         Ok(()) => {}
         Err(WriteError::Changed) => {
-            let _ = write.record(kind, "conflict", Some(next), None, None);
+            write.note(store, kind, "conflict", revision);
             let message = "the app's file changed since it was read (an edit by hand?): read it again and retry";
             return error(StatusCode::CONFLICT, message);
         }
-        Err(e) => {
-            let _ = write.record(kind, "write_failed", Some(next), None, None);
-            return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot write {}: {e}", rendered.file.display()));
-        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the change was not made: {e}")),
     }
+    shared.metrics.app_changes.with_label_values(&[kind]).inc();
+    tracing::info!(app = id, change = kind, revision = next, user = %who.user, client = %who.client, "app changed");
     match reloader.reload(Trigger::Admin).await {
         Ok(generation) => match shown.filter(|_| !no_content) {
             Some(stored) => {
@@ -553,13 +500,12 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
             }
         },
         Err(errors) => {
-            // Not in force, so not kept: the file goes back to what it was.
-            let restored = match current.as_ref() {
-                Some(stored) => std::fs::write(&rendered.file, &stored.text),
-                None => std::fs::remove_file(&rendered.file),
+            // Not in force, so not kept: the app goes back to what it was.
+            let undone = write.record(kind, "reload_failed", Some(next), None, None);
+            let kept = match store.restore(&rendered, current.as_ref(), &undone) {
+                Ok(()) => "the change was undone",
+                Err(_) => "and undoing it failed too",
             };
-            let _ = write.record(kind, "reload_failed", Some(next), None, None);
-            let kept = if restored.is_ok() { "the change was undone" } else { "and undoing it failed too" };
             error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the reload failed ({kept}):\n{errors}"))
         }
     }

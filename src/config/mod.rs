@@ -235,10 +235,11 @@ impl Loader {
         validate::load(&self.path, &mut self.cache)
     }
 
-    /// Validate the config as it would be with the `apps_dir` file `file` holding `text` (or
-    /// removed, for `None`), changing nothing: a write checked before it is made.
-    pub fn load_candidate(&self, file: &Path, text: Option<&str>) -> Result<Config, ConfigErrors> {
-        validate::load_candidate(&self.path, &mut self.cache.clone(), file, text)
+    /// Validate the config as it would be with each `apps_dir` file of `changes` holding its
+    /// text (or removed, for `None`), changing nothing: writes checked, together, before they
+    /// are made.
+    pub fn load_candidate(&self, changes: &[(PathBuf, Option<String>)]) -> Result<Config, ConfigErrors> {
+        validate::load_candidate(&self.path, &mut self.cache.clone(), changes)
     }
 }
 

@@ -1,6 +1,6 @@
 //! From raw TOML to a typed [`Config`], collecting every error with its file, line and column.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -39,14 +39,13 @@ const DEFAULT_MAX_DOMAINS: usize = 30;
 pub(super) fn load_candidate(
     path: &Path,
     cache: &mut AppsCache,
-    file: &Path,
-    text: Option<&str>,
+    changes: &[(PathBuf, Option<String>)],
 ) -> Result<Config, ConfigErrors> {
     let main = match super::read_settled(path) {
         Ok(main) => main,
         Err(e) => return Err(ConfigErrors(vec![unreadable_file(path, format!("cannot read the config file: {e}"))])),
     };
-    let v = Validator { candidate: Some((file.to_path_buf(), text.map(str::to_owned))), ..Validator::default() };
+    let v = Validator { candidates: changes.iter().cloned().collect(), ..Validator::default() };
     v.load(path, main, cache)
 }
 
@@ -221,7 +220,7 @@ struct Validator {
     other_files: Vec<PathBuf>,
     /// An `apps_dir` file taken as holding this text (or as absent) instead of what is on
     /// disk: a write being checked.
-    candidate: Option<(PathBuf, Option<String>)>,
+    candidates: BTreeMap<PathBuf, Option<String>>,
     /// (source, byte offset, message)
     errors: Vec<Problem>,
 }
@@ -331,16 +330,11 @@ impl Validator {
             .map(|entry| entry.path())
             .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
             .collect();
-        if let Some((candidate, text)) = &self.candidate {
-            files.retain(|file| file != candidate);
-            if text.is_some() {
-                files.push(candidate.clone());
-            }
-        }
+        files.retain(|file| !self.candidates.contains_key(file));
+        files.extend(self.candidates.iter().filter(|(_, text)| text.is_some()).map(|(file, _)| file.clone()));
         files.sort();
         for file in files {
-            let candidate =
-                self.candidate.as_ref().filter(|(path, _)| *path == file).and_then(|(_, text)| text.clone());
+            let candidate = self.candidates.get(&file).cloned().flatten();
             let read = match candidate {
                 Some(text) => Ok(text),
                 None => super::read_settled(&file),
@@ -976,7 +970,12 @@ id = "demo"
                 r#"gw.toml:3:268: duplicate API "shop.pay" in api_whitelist"#,
             ]
         );
-        let config = load_text(Path::new("gw.toml"), "[[app]]\nid = \"a\"\napi_whitelist = [{ api = \"shop.pay\", remark = \"pay\" }]\n".into(), &mut AppsCache::default()).unwrap();
+        let config = load_text(
+            Path::new("gw.toml"),
+            "[[app]]\nid = \"a\"\napi_whitelist = [{ api = \"shop.pay\", remark = \"pay\" }]\n".into(),
+            &mut AppsCache::default(),
+        )
+        .unwrap();
         assert_eq!(config.policy.app("a").unwrap().api_entries, [("shop.pay".into(), Some("pay".into()))]);
     }
 

@@ -133,6 +133,14 @@ impl Gateway {
             None => None,
         };
         config.generation = 1;
+        if let Some(dir) = &config.apps_dir {
+            // What writers killed between their temporary file and its rename left behind.
+            match crate::store::remove_stale_temporaries(dir, Duration::from_secs(60)) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, apps_dir = %dir.display(), "removed stale temporary files"),
+                Err(e) => tracing::warn!(error = %e, apps_dir = %dir.display(), "cannot clean up temporary files"),
+            }
+        }
         let metrics = Metrics::new();
         metrics.register(Box::new(log.dropped_counter()));
         metrics.connections_max.set(config.limits.max_connections as i64);
