@@ -84,6 +84,8 @@ struct Contract {
     doc: Value,
     admin: SocketAddr,
     called: BTreeSet<(String, String)>,
+    /// The statuses seen, by (template, method).
+    seen: BTreeSet<(String, String, u16)>,
 }
 
 impl Contract {
@@ -97,9 +99,16 @@ impl Contract {
             fits(&self.doc, schema, body, "request").unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         }
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        // The admin's token and the listener's address, unless the call names its own.
+        let mut headers = headers.to_owned();
+        if !headers.contains("Authorization:") {
+            headers.push_str(&format!("Authorization: Bearer {ROOT}\r\n"));
+        }
+        if !headers.contains("Host:") {
+            headers.push_str(&format!("Host: {}\r\n", self.admin));
+        }
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
-            self.admin,
+            "{method} {path} HTTP/1.1\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
             body.len()
         );
         let answer = send_raw(self.admin, &request).await;
@@ -116,27 +125,33 @@ impl Contract {
             fits(&self.doc, schema, &value, "answer").unwrap_or_else(|e| panic!("{method} {path} ({status}): {e}"));
         }
         self.called.insert((template.to_owned(), method.to_lowercase()));
+        self.seen.insert((template.to_owned(), method.to_lowercase(), answer.status));
         answer.status
     }
 }
+
+const ROOT: &str = "root-token";
+const VIEWER: &str = "viewer-token";
 
 #[tokio::test]
 async fn every_route_answers_as_the_openapi_document_says() {
     let origin = Origin::start(&["api.shop.example"]).await;
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[policy]\napps_dir = \"apps\"\n\n\
-         [resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\n",
-        origin.addr
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"{ROOT}\"\n\n\
+         [policy]\napps_dir = \"apps\"\n\n[resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\n\n\
+         [[admin_user]]\nname = \"vera\"\nrole = \"viewer\"\ntoken_sha256 = \"{}\"\n",
+        origin.addr,
+        token_hash(VIEWER)
     );
     let shop = "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n";
     let gw = TestGateway::start_with_apps(&text, &[("shop.toml", shop)]).await;
 
-    let (status, _, served) = admin_request(gw.admin(), "GET", "/v1/openapi.json", None, None).await;
+    let (status, _, served) = admin_request(gw.admin(), "GET", "/v1/openapi.json", None, Some(ROOT)).await;
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_slice(&served).unwrap();
     let committed: Value = serde_json::from_str(include_str!("../src/admin/openapi.json")).unwrap();
     assert_eq!(doc, committed, "the served document is the committed one");
-    let mut api = Contract { doc, admin: gw.admin(), called: BTreeSet::new() };
+    let mut api = Contract { doc, admin: gw.admin(), called: BTreeSet::new(), seen: BTreeSet::new() };
 
     let app = "/v1/apps/{id}";
     let list = "/v1/apps/{id}/{list}";
@@ -184,6 +199,27 @@ async fn every_route_answers_as_the_openapi_document_says() {
     assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "", None).await, 428);
     assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "If-Match: \"8\"\r\n", None).await, 204);
     assert_eq!(api.call("GET", "/v1/openapi.json", "/v1/openapi.json", "", None).await, 200);
+
+    // Who may: no token, a viewer's write, a Host that is not the listener's.
+    let viewer = format!("Authorization: Bearer {VIEWER}\r\n");
+    assert_eq!(api.call("GET", "/v1/apps", "/v1/apps", "Authorization: Bearer nope\r\n", None).await, 401);
+    assert_eq!(api.call("GET", app, "/v1/apps/shop", &viewer, None).await, 200);
+    let add = json!({"entry": "e.example"});
+    assert_eq!(api.call("POST", list, "/v1/apps/shop/server_domains", &viewer, Some(add)).await, 403);
+    assert_eq!(api.call("GET", app, "/v1/apps/shop", "Host: evil.example\r\n", None).await, 421);
+    // Failed authentications from one address are throttled.
+    let mut throttled = false;
+    for _ in 0..100 {
+        if api.call("GET", app, "/v1/apps/shop", "Authorization: Bearer guess\r\n", None).await == 429 {
+            throttled = true;
+            break;
+        }
+    }
+    assert!(throttled, "100 wrong tokens in a row were never throttled");
+    let statuses: BTreeSet<u16> = api.seen.iter().map(|(.., status)| *status).collect();
+    for status in [401, 403, 421, 429] {
+        assert!(statuses.contains(&status), "no answer was {status}");
+    }
 
     let documented: BTreeSet<(String, String)> = api.doc["paths"]
         .as_object()
