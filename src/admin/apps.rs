@@ -17,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Body, error, json_response, read_body};
+use super::{Body, error, json_response, method_not_allowed, read_body};
 use crate::audit::Record;
 use crate::config::ConfigErrors;
 use crate::policy::Action;
@@ -152,6 +152,21 @@ pub(crate) async fn write(
     id: &str,
     rest: &str,
 ) -> Response<Body> {
+    let method = req.method().clone();
+    let segments: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+    // The method first: a request this path never takes is 405 whatever else it carries.
+    let allow = match segments.as_slice() {
+        [] => "GET, PUT, DELETE",
+        ["action"] => "PUT",
+        ["rollback"] => "POST",
+        ["history"] => "GET",
+        [_] => "POST",
+        [_, _] => "PUT, DELETE",
+        _ => return error(StatusCode::NOT_FOUND, &format!("no admin path under /v1/apps/{id}/")),
+    };
+    if !allow.split(", ").any(|allowed| allowed == method.as_str()) {
+        return method_not_allowed(&method, allow);
+    }
     let mut dry_run = false;
     for (key, value) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
         match (&*key, &*value) {
@@ -165,8 +180,6 @@ pub(crate) async fn write(
         Ok(pre) => pre,
         Err(refusal) => return refusal,
     };
-    let method = req.method().clone();
-    let segments: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
     let body = match read_body(req).await {
         Ok(body) => body,
         Err(refusal) => return refusal,
@@ -217,7 +230,7 @@ pub(crate) async fn write(
                 }
             }
         }
-        _ => return error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed here")),
+        _ => return method_not_allowed(&method, allow),
     };
     apply(Write { shared, reloader, who, id, pre, dry_run }, lock, change).await
 }

@@ -178,7 +178,10 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             reload(reloader).await
         }
         (&Method::GET, "/v1/apps") => {
-            let query = ListQuery::parse(req.uri().query().unwrap_or(""));
+            let query = match ListQuery::parse(req.uri().query().unwrap_or("")) {
+                Ok(query) => query,
+                Err(refusal) => return refusal,
+            };
             let mut apps: Vec<&App> = policy
                 .apps()
                 .filter(|app| query.after.as_deref().is_none_or(|after| &*app.id > after))
@@ -204,7 +207,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
                 None => error(StatusCode::NOT_FOUND, &format!("no app {id:?}")),
             }
         }
-        (&Method::PUT | &Method::POST | &Method::DELETE, p) if p.starts_with("/v1/apps/") => {
+        (_, p) if p.starts_with("/v1/apps/") => {
             let rest = &p["/v1/apps/".len()..];
             let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
             let (id, rest) = (id.to_owned(), rest.to_owned());
@@ -224,8 +227,9 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             );
             respond(StatusCode::OK, "application/x-ns-proxy-autoconfig", pac.into_bytes())
         }
-        (_, "/-/reload" | "/v1/check" | "/v1/apps" | "/proxy.pac" | "/metrics" | "/healthz" | "/readyz") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {path}"))
+        (_, "/-/reload" | "/v1/check") => method_not_allowed(&method, "POST"),
+        (_, "/v1/apps" | "/v1/openapi.json" | "/proxy.pac" | "/metrics" | "/healthz" | "/readyz") => {
+            method_not_allowed(&method, "GET")
         }
         _ => error(StatusCode::NOT_FOUND, &format!("no admin path {path}")),
     }
@@ -342,17 +346,20 @@ struct ListQuery {
 }
 
 impl ListQuery {
-    fn parse(query: &str) -> ListQuery {
+    fn parse(query: &str) -> Result<ListQuery, Response<Body>> {
         let mut list = ListQuery { q: None, limit: 100, after: None };
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
             match &*key {
                 "q" if !value.is_empty() => list.q = Some(value.to_lowercase()),
-                "limit" => list.limit = value.parse::<usize>().unwrap_or(100).clamp(1, 1_000),
+                "limit" => match value.parse::<usize>() {
+                    Ok(limit @ 1..=1_000) => list.limit = limit,
+                    _ => return Err(error(StatusCode::BAD_REQUEST, "limit is a number from 1 to 1000")),
+                },
                 "after" if !value.is_empty() => list.after = Some(value.into_owned()),
                 _ => {}
             }
         }
-        list
+        Ok(list)
     }
 
     fn matches(&self, app: &App) -> bool {
@@ -420,6 +427,8 @@ async fn check(req: Request<Incoming>, policy: &crate::policy::Policy, reloader:
         }
     };
     match (&request.url, &request.api) {
+        (Some(url), None) if url.is_empty() => error(StatusCode::BAD_REQUEST, "url is empty"),
+        (None, Some(api)) if api.is_empty() => error(StatusCode::BAD_REQUEST, "api is empty: send an API name"),
         (Some(url), None) => {
             let channel = request.channel.unwrap_or(Channel::Request);
             match policy.decide_url(&app_id, channel, url) {
@@ -515,6 +524,13 @@ pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Respo
     let mut body = serde_json::to_vec(value).unwrap_or_default();
     body.push(b'\n');
     respond(status, "application/json", body)
+}
+
+/// `405` for `method`, with the methods the path takes (`allow`).
+pub(crate) fn method_not_allowed(method: &Method, allow: &'static str) -> Response<Body> {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed here; use {allow}"));
+    response.headers_mut().insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    response
 }
 
 pub(crate) fn error(status: StatusCode, message: &str) -> Response<Body> {
