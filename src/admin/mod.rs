@@ -346,6 +346,7 @@ struct ListQuery {
 }
 
 impl ListQuery {
+    #[allow(clippy::result_large_err)] // a refusal is the response itself, once per request
     fn parse(query: &str) -> Result<ListQuery, Response<Body>> {
         let mut list = ListQuery { q: None, limit: 100, after: None };
         for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
