@@ -207,16 +207,23 @@ async function selectApp(id) {
   startEvents();
 }
 
-async function loadApp() {
+/** Read the app again; render it (and its history, with `andHistory`) only if it changed. */
+async function loadApp(andHistory) {
   const id = state.appId;
   try {
     const { body, etag } = await api.call("GET", api.app(id));
     if (id !== state.appId) {
       return;
     }
+    const changed = !state.app || state.app.id !== id || etag !== state.etag || etag === null;
     state.app = body;
     state.etag = etag;
-    renderApp();
+    if (changed) {
+      renderApp();
+      if (andHistory) {
+        loadHistory();
+      }
+    }
   } catch (error) {
     if (error.status === 404) {
       state.app = null;
@@ -430,8 +437,7 @@ function confirmDelete(entry) {
   const name = state.app.name || state.app.id;
   confirm(`Delete ${entry.domain} from the ${LISTS[list].label} of ${name}?`, async () => {
     await api.call("DELETE", api.entry(state.appId, list, entry.domain));
-    await loadApp();
-    await loadHistory();
+    await loadApp(true);
   });
 }
 
@@ -631,8 +637,8 @@ function startEvents() {
       if (name === "decision") {
         scheduleDecisions();
       } else if (name === "change" || name === "reload") {
-        loadApp();
-        loadHistory();
+        // someone else's change, or an edit by hand: shown once it is in force
+        loadApp(true);
       } else if (name === "lagged") {
         scheduleDecisions();
       }
