@@ -119,6 +119,9 @@ async fn refused_connects_are_kept_per_app_grouped_by_host() {
     assert_eq!(status, 201);
     let answer = connect_as(proxy, "shop", "x", "evil.example:443").await;
     assert_eq!((answer.status, answer.reason()), (200, "whitelisted"));
+    let (_, body) = decisions(admin, "shop", VIEWER).await;
+    assert_eq!(group(&body, "request", "evil.example", 443)["now"], "allow", "what the policy says now");
+    assert_eq!(group(&body, "request", "m.evil.example", 8443)["now"], "deny");
 
     assert_eq!(decisions(admin, "ghost", VIEWER).await.0, 404);
 }

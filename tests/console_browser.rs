@@ -402,6 +402,7 @@ async fn an_operator_manages_an_app_in_the_console() {
     let revision_before_allow = app_json(admin, "shop").await["revision"].as_u64().unwrap();
     assert_eq!(connect_as(proxy, "shop", "x", "evil.example:443").await.reason(), "not_whitelisted");
     page.until("the refusal is listed", "document.querySelector('#refusals').textContent.includes('evil.example')").await;
+    page.client.execute("document.getElementById('test').scrollIntoView();", vec![]).await.unwrap();
     page.screenshot("console-refused").await;
     page.click_in_row("#refusals", "evil.example", "Allow").await;
     page.text_until("#allow-exact-text", |t| t == "https://evil.example").await;
@@ -410,12 +411,14 @@ async fn an_operator_manages_an_app_in_the_console() {
     page.until("the entry is listed", "document.querySelector('#entries').textContent.includes('https://evil.example')").await;
     let answer = connect_as(proxy, "shop", "x", "evil.example:443").await;
     assert_eq!((answer.status, answer.reason()), (200, "whitelisted"));
+    page.text_until("#refusals tbody tr:first-child td:last-child", |t| t == "allowed now").await;
     let mut tls = tls_over(answer.stream, &origin.ca, "evil.example").await;
     assert_eq!(https_request(&mut tls, "GET", "/", b"").await, b"hello from origin");
 
     // restore the revision before Allow: the host is refused again
     let row = format!("#revisions tbody tr[data-revision='{revision_before_allow}']");
     page.find(&row).await;
+    page.client.execute("document.getElementById('refused').scrollIntoView();", vec![]).await.unwrap();
     page.screenshot("console-history").await;
     page.click(&format!("{row} button")).await;
     page.click("#confirm-ok").await;
@@ -441,7 +444,6 @@ async fn an_operator_manages_an_app_in_the_console() {
     // 400 px wide: one column, nothing wider than the window
     page.client.set_window_size(400, 900).await.unwrap();
     page.until("no sideways scrolling", "document.documentElement.scrollWidth <= window.innerWidth").await;
-    page.screenshot("console-narrow").await;
     page.client.set_window_size(1400, 1000).await.unwrap();
 
     // a viewer sees the same, read-only

@@ -1,5 +1,5 @@
-//! `GET /v1/apps/{id}/decisions` and `GET /v1/events`: what the proxy refused lately, and
-//! what happens as it happens.
+//! `GET /v1/apps/{id}/decisions` and `GET /v1/events`: what the proxy refused lately (and
+//! what the policy in force decides for it now), and what happens as it happens.
 //!
 //! The event stream is server-sent events: `decision` (a refusal or would-be refusal),
 //! `change` (an app written through the API) and `reload` (a new generation, whatever made
@@ -18,13 +18,13 @@ use bytes::Bytes;
 use hyper::body::Frame;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::{Body, error, json_response};
 use crate::decisions::GroupView;
-use crate::policy::Policy;
+use crate::policy::{Policy, Target, parse_host};
 use crate::proxy::Shared;
 
 /// Event streams open at once.
@@ -49,7 +49,20 @@ pub(crate) fn decisions(shared: &Shared, policy: &Policy, id: &str) -> Response<
     if policy.app(id).is_none() {
         return error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
     }
-    let groups: Vec<GroupView> = shared.decisions.groups(id).iter().map(GroupView::from).collect();
+    let groups: Vec<Value> = shared
+        .decisions
+        .groups(id)
+        .iter()
+        .map(|group| {
+            let mut view = serde_json::to_value(GroupView::from(group)).unwrap_or_default();
+            // What the policy in force decides for it now (after an Allow, say).
+            let now = parse_host(&group.host)
+                .map(|host| policy.decide(id, group.channel, &Target { host, port: group.port }).verdict.as_str())
+                .unwrap_or("deny");
+            view["now"] = json!(now);
+            view
+        })
+        .collect();
     json_response(StatusCode::OK, &json!({ "app": id, "decisions": groups }))
 }
 

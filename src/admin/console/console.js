@@ -220,6 +220,7 @@ async function loadApp(andHistory) {
     state.etag = etag;
     if (changed) {
       renderApp();
+      scheduleDecisions();
       if (andHistory) {
         loadHistory();
       }
@@ -412,6 +413,7 @@ function applyWrite(answer) {
     renderApp();
   }
   loadHistory();
+  scheduleDecisions();
 }
 
 function confirm(text, action) {
@@ -558,10 +560,12 @@ async function loadDecisions() {
   }
   const rows = body.decisions.map((group) => {
     const host = group.port === 443 ? group.host : `${group.host}:${group.port}`;
-    const allow =
-      writable() && group.entry
-        ? el("button", { type: "button", class: "primary small", onclick: () => openAllowDialog(group) }, "Allow")
-        : null;
+    let allow = null;
+    if (group.now === "allow") {
+      allow = el("span", { class: "hint" }, "allowed now");
+    } else if (writable() && group.entry) {
+      allow = el("button", { type: "button", class: "primary small", onclick: () => openAllowDialog(group) }, "Allow");
+    }
     return el(
       "tr",
       {},
