@@ -363,7 +363,11 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
 fn console_url(admin: std::net::SocketAddr) -> String {
     let mut admin = admin;
     if admin.ip().is_unspecified() {
-        admin.set_ip(if admin.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        admin.set_ip(if admin.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
     }
     format!("http://{admin}{}", miniapp_gateway::admin::CONSOLE_PATH)
 }

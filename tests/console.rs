@@ -106,7 +106,10 @@ async fn refused_connects_are_kept_per_app_grouped_by_host() {
     assert_eq!(sub["entry"], "https://m.evil.example:8443");
     assert_eq!(sub["wildcard"], "https://*.evil.example:8443");
     let page = group(&body, "webview", "m.evil.example", 443);
-    assert_eq!((page["list"].as_str(), page["wildcard"].as_str()), (Some("webview_domains"), Some("https://*.evil.example")));
+    assert_eq!(
+        (page["list"].as_str(), page["wildcard"].as_str()),
+        (Some("webview_domains"), Some("https://*.evil.example"))
+    );
     let ip = group(&body, "request", "10.0.0.1", 443);
     assert_eq!((ip["reason"].as_str(), ip["entry"].as_str()), (Some("ip_literal"), None), "no entry allows an IP");
     assert!(body["decisions"].as_array().unwrap().iter().all(|g| g["host"] != "api.shop.example"));
@@ -149,8 +152,9 @@ impl EventStream {
     async fn open(admin: SocketAddr, query: &str, token: Option<&str>) -> (u16, HashMap<String, String>, EventStream) {
         let mut stream = TcpStream::connect(admin).await.unwrap();
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let request =
-            format!("GET /v1/events{query} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{auth}Accept: text/event-stream\r\n\r\n");
+        let request = format!(
+            "GET /v1/events{query} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{auth}Accept: text/event-stream\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         let (head, rest) = tokio::time::timeout(WAIT, read_head(&mut stream)).await.unwrap().unwrap().unwrap();
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
@@ -274,8 +278,14 @@ async fn decisions_events_and_me_need_a_viewer_and_allowing_needs_an_editor() {
     assert_eq!(me["role"], "editor");
     let add = r#"{"entry":"https://evil.example"}"#;
     let (status, body) = admin_json(admin, "POST", "/v1/apps/shop/server_domains", Some(add), Some(VIEWER)).await;
-    assert_eq!((status, body["error"].as_str()), (403, Some("user vera (viewer) may not do this: it needs the editor role")));
-    assert_eq!(admin_json(admin, "POST", "/v1/apps/shop/rollback", Some(r#"{"revision":1}"#), Some(EDITOR)).await.0, 403);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("user vera (viewer) may not do this: it needs the editor role"))
+    );
+    assert_eq!(
+        admin_json(admin, "POST", "/v1/apps/shop/rollback", Some(r#"{"revision":1}"#), Some(EDITOR)).await.0,
+        403
+    );
 
     // with no admin user at all the API is open, and says so
     let open = TestGateway::start("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n").await;

@@ -271,8 +271,8 @@ async fn an_operator_manages_an_app_in_the_console() {
     let driver = Driver::start(chromedriver).await;
     let profile = tempfile::tempdir().unwrap();
     let client = browser(&driver, chromium, profile.path()).await;
-    let screenshots = std::env::var_os("MINIAPP_SCREENSHOTS")
-        .map(|dir| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir));
+    let screenshots =
+        std::env::var_os("MINIAPP_SCREENSHOTS").map(|dir| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir));
     let page = Page { client, screenshots };
 
     // sign in: a wrong token is told so, the right one opens the console
@@ -307,7 +307,8 @@ async fn an_operator_manages_an_app_in_the_console() {
     page.text_until("#entry-remark-count", |t| t == "6 / 200").await;
     page.click("#entry-ok").await;
     page.until("the dialog closed", "!document.getElementById('entry-dialog').open").await;
-    page.until("the entry is listed", "document.querySelector('#entries').textContent.includes('cdn.shop.example')").await;
+    page.until("the entry is listed", "document.querySelector('#entries').textContent.includes('cdn.shop.example')")
+        .await;
     assert_eq!(entries(&page).await, ["https://api.shop.example", "https://cdn.shop.example"]);
     let cdn = &app_json(admin, "shop").await["server_domains"][1];
     assert_eq!((cdn["domain"].as_str(), cdn["remark"].as_str()), (Some("https://cdn.shop.example"), Some("images")));
@@ -348,7 +349,10 @@ async fn an_operator_manages_an_app_in_the_console() {
 
     // edit a remark
     page.click_in_row("#entries", "https://cdn.shop.example", "Edit").await;
-    assert_eq!(page.find("#entry-value").await.prop("value").await.unwrap().as_deref(), Some("https://cdn.shop.example"));
+    assert_eq!(
+        page.find("#entry-value").await.prop("value").await.unwrap().as_deref(),
+        Some("https://cdn.shop.example")
+    );
     page.type_into("#entry-remark", "image CDN").await;
     page.click("#entry-ok").await;
     page.until("the remark changed", "document.querySelector('#entries').textContent.includes('image CDN')").await;
@@ -379,8 +383,11 @@ async fn an_operator_manages_an_app_in_the_console() {
     assert_eq!(app_json(admin, "shop").await["action"], "report");
     assert_eq!(connect_as(proxy, "shop", "x", "report.example:443").await.decision(), "report");
     page.click("input[name=action][value=enforce]").await;
-    page.until("enforce again", "document.querySelector('#revisions tbody tr:first-child').textContent.includes('report → enforce')")
-        .await;
+    page.until(
+        "enforce again",
+        "document.querySelector('#revisions tbody tr:first-child').textContent.includes('report → enforce')",
+    )
+    .await;
 
     // test a URL, and the same on an unsaved draft
     page.type_into("#test-url", "https://api.shop.example/v1/items").await;
@@ -401,14 +408,19 @@ async fn an_operator_manages_an_app_in_the_console() {
     // the proxy refuses a host; it shows up under refused traffic; Allow lets it through
     let revision_before_allow = app_json(admin, "shop").await["revision"].as_u64().unwrap();
     assert_eq!(connect_as(proxy, "shop", "x", "evil.example:443").await.reason(), "not_whitelisted");
-    page.until("the refusal is listed", "document.querySelector('#refusals').textContent.includes('evil.example')").await;
+    page.until("the refusal is listed", "document.querySelector('#refusals').textContent.includes('evil.example')")
+        .await;
     page.client.execute("document.getElementById('test').scrollIntoView();", vec![]).await.unwrap();
     page.screenshot("console-refused").await;
     page.click_in_row("#refusals", "evil.example", "Allow").await;
     page.text_until("#allow-exact-text", |t| t == "https://evil.example").await;
     assert!(!page.visible("#allow-wildcard-choice").await, "no *.example: example is a top-level domain");
     page.click("#allow-ok").await;
-    page.until("the entry is listed", "document.querySelector('#entries').textContent.includes('https://evil.example')").await;
+    page.until(
+        "the entry is listed",
+        "document.querySelector('#entries').textContent.includes('https://evil.example')",
+    )
+    .await;
     let answer = connect_as(proxy, "shop", "x", "evil.example:443").await;
     assert_eq!((answer.status, answer.reason()), (200, "whitelisted"));
     page.text_until("#refusals tbody tr:first-child td:last-child", |t| t == "allowed now").await;
@@ -422,7 +434,8 @@ async fn an_operator_manages_an_app_in_the_console() {
     page.screenshot("console-history").await;
     page.click(&format!("{row} button")).await;
     page.click("#confirm-ok").await;
-    page.until("the entry is gone", "!document.querySelector('#entries').textContent.includes('https://evil.example')").await;
+    page.until("the entry is gone", "!document.querySelector('#entries').textContent.includes('https://evil.example')")
+        .await;
     assert_eq!(connect_as(proxy, "shop", "x", "evil.example:443").await.reason(), "not_whitelisted");
     let history = page.find("#revisions tbody tr:first-child").await.text().await.unwrap();
     assert!(history.contains("rollback") && history.contains("− server domain https://evil.example"), "{history}");
@@ -433,7 +446,8 @@ async fn an_operator_manages_an_app_in_the_console() {
     page.type_into("#entry-value", "https://markup.shop.example").await;
     page.type_into("#entry-remark", markup).await;
     page.click("#entry-ok").await;
-    page.until("the entry is listed", "document.querySelector('#entries').textContent.includes('markup.shop.example')").await;
+    page.until("the entry is listed", "document.querySelector('#entries').textContent.includes('markup.shop.example')")
+        .await;
     let cell = "[...document.querySelectorAll('#entries tbody tr')].find(r => r.cells[0].textContent.includes('markup')).cells[1]";
     let shown = page.client.execute(&format!("return {cell}.textContent;"), vec![]).await.unwrap();
     assert_eq!(shown, markup);
@@ -452,7 +466,8 @@ async fn an_operator_manages_an_app_in_the_console() {
     page.click("#signin-form button[type=submit]").await;
     page.text_until("#who", |t| t == "vera (viewer)").await;
     page.text_until("#app-id", |t| t == "shop").await;
-    page.until("the list is shown", "document.querySelector('#entries').textContent.includes('api.shop.example')").await;
+    page.until("the list is shown", "document.querySelector('#entries').textContent.includes('api.shop.example')")
+        .await;
     assert!(!page.visible("#add-entry").await && !page.visible("#delete-app").await && !page.visible("#new-app").await);
     assert_eq!(page.client.find_all(Locator::Css("#entries button")).await.unwrap().len(), 0, "no Edit or Delete");
     assert!(!page.find("input[name=action][value=open]").await.is_enabled().await.unwrap(), "the switch is read-only");

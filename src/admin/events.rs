@@ -72,8 +72,10 @@ pub(crate) fn stream(shared: &Shared, slots: &StreamSlots, app: Option<String>) 
         return error(StatusCode::SERVICE_UNAVAILABLE, "the gateway is shutting down");
     }
     let Ok(slot) = slots.0.clone().try_acquire_owned() else {
-        let mut response =
-            error(StatusCode::SERVICE_UNAVAILABLE, &format!("{MAX_STREAMS} event streams are open already; retry later"));
+        let mut response = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{MAX_STREAMS} event streams are open already; retry later"),
+        );
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
         return response;
     };

@@ -263,9 +263,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             _,
             "/-/reload" | "/v1/check" | "/v1/apps" | "/v1/events" | "/v1/me" | "/proxy.pac" | "/metrics" | "/healthz"
             | "/readyz",
-        ) => {
-            error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {path}"))
-        }
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {path}")),
         _ => error(StatusCode::NOT_FOUND, &format!("no admin path {path}")),
     }
 }
