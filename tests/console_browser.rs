@@ -33,9 +33,12 @@ struct Driver {
 
 impl Driver {
     async fn start(program: &str) -> Driver {
+        use std::os::unix::process::CommandExt;
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(program)
             .arg(format!("--port={port}"))
+            // its own process group, which the browsers it starts join: ended together
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -52,6 +55,11 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // chromedriver and any browser it left (a test that failed before closing its session)
+        if let Ok(group) = i32::try_from(self.child.id()) {
+            // SAFETY: kill only sends a signal, to the process group this test started.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -459,6 +467,22 @@ async fn an_operator_manages_an_app_in_the_console() {
     page.client.set_window_size(400, 900).await.unwrap();
     page.until("no sideways scrolling", "document.documentElement.scrollWidth <= window.innerWidth").await;
     page.client.set_window_size(1400, 1000).await.unwrap();
+
+    // create an app, then delete it (after confirming)
+    page.click("#new-app").await;
+    page.type_into("#new-app-id", "fresh").await;
+    page.type_into("#new-app-name", "Fresh app").await;
+    page.click("#app-ok").await;
+    page.text_until("#app-id", |t| t == "fresh").await;
+    assert_eq!(page.find("#app-name").await.text().await.unwrap(), "Fresh app");
+    assert_eq!(app_json(admin, "fresh").await["name"], "Fresh app");
+    page.click("#delete-app").await;
+    page.text_until("#confirm-text", |t| t.contains("Delete app Fresh app (fresh)")).await;
+    page.click("#confirm-ok").await;
+    page.text_until("#app-id", |t| t != "fresh").await;
+    assert_eq!(admin_request(admin, "GET", "/v1/apps/fresh", None, Some(ADMIN)).await.0, 404);
+    page.find("#app-select").await.select_by_value("shop").await.unwrap();
+    page.text_until("#app-id", |t| t == "shop").await;
 
     // a viewer sees the same, read-only
     page.click("#sign-out").await;

@@ -416,7 +416,7 @@ function applyWrite(answer) {
   scheduleDecisions();
 }
 
-function confirm(text, action) {
+function ask(text, action) {
   state.confirmed = action;
   $("confirm-text").textContent = text;
   $("confirm-error").textContent = "";
@@ -437,7 +437,7 @@ async function confirmed(event) {
 function confirmDelete(entry) {
   const list = state.list;
   const name = state.app.name || state.app.id;
-  confirm(`Delete ${entry.domain} from the ${LISTS[list].label} of ${name}?`, async () => {
+  ask(`Delete ${entry.domain} from the ${LISTS[list].label} of ${name}?`, async () => {
     await api.call("DELETE", api.entry(state.appId, list, entry.domain));
     await loadApp(true);
   });
@@ -491,7 +491,7 @@ async function createApp(event) {
 
 function confirmDeleteApp() {
   const app = state.app;
-  confirm(`Delete app ${app.name || app.id} (${app.id}) and its three whitelists?`, async () => {
+  ask(`Delete app ${app.name || app.id} (${app.id}) and its three whitelists?`, async () => {
     await api.call("DELETE", api.app(app.id), undefined, { "If-Match": state.etag });
     state.appId = null;
     state.app = null;
@@ -745,7 +745,7 @@ async function loadHistory() {
 }
 
 function confirmRestore(record) {
-  confirm(`Restore revision ${record.revision}? The app becomes as it was then, as a new revision.`, async () => {
+  ask(`Restore revision ${record.revision}? The app becomes as it was then, as a new revision.`, async () => {
     const answer = await api.call("POST", `${api.app(state.appId)}/rollback`, { revision: record.revision });
     applyWrite(answer);
   });
