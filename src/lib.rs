@@ -10,13 +10,17 @@
 //! Beside the hot path, the [`admin`] listener serves metrics, health and the management
 //! API. App edits go to a [`store`] (recorded in the [`audit`] log) and reach the proxy only
 //! through [`reload`], which validates a new snapshot beside the running one, swaps it in, and
-//! re-decides the open tunnels it may refuse.
+//! re-decides the open tunnels it may refuse. The proxy's refusals are kept per app in
+//! [`decisions`] and, with app changes and reloads, published on [`events`], which the admin
+//! listener streams to the web console it serves.
 
 pub mod access_log;
 pub mod admin;
 pub mod apps_cmd;
 pub mod audit;
 pub mod config;
+pub mod decisions;
+pub mod events;
 pub mod identity;
 pub mod learn;
 pub mod metrics;

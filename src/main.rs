@@ -36,11 +36,11 @@ enum Command {
     /// Start the gateway and serve until SIGTERM or SIGINT.
     ///
     /// Opens the proxy listeners ([server].listen and every [[listener]], served over TLS when
-    /// [tls] is set) and, with [server].admin_listen, the admin listener: /metrics, /healthz,
-    /// /readyz, /-/reload, /v1/* and /proxy.pac (with admin_token, all but the first three
-    /// need Authorization: Bearer). Logs one startup line on stderr naming the addresses, which
-    /// of them speak TLS, the generation and the number of apps; writes one access log line
-    /// per decision on stdout. Reloads on config changes, SIGHUP and POST /-/reload. Listen
+    /// [tls] is set) and, with [server].admin_listen, the admin listener: the web console (/),
+    /// /metrics, /healthz, /readyz, /-/reload, /v1/* and /proxy.pac (with admin users, the
+    /// API needs Authorization: Bearer). Logs one startup line on stderr naming the addresses,
+    /// the console's URL, which of them speak TLS, the generation and the number of apps;
+    /// writes one access log line per decision on stdout. Reloads on config changes, SIGHUP and POST /-/reload. Listen
     /// addresses, [tls] on a listener and admin_listen change only on restart. On SIGTERM or
     /// SIGINT: /readyz turns 503, accepting goes on for shutdown_delay, tunnels drain for
     /// shutdown_grace; a second signal exits at once.
@@ -319,9 +319,10 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
         let gateway = Gateway::bind(config, loader, log).await?;
         let addrs: Vec<String> = gateway.local_addrs().iter().map(ToString::to_string).collect();
         let admin = gateway.admin_addr().map_or_else(|| "off".to_owned(), |a| a.to_string());
+        let console = gateway.admin_addr().map_or_else(|| "off".to_owned(), console_url);
         let tls: Vec<String> = gateway.tls_addrs().iter().map(ToString::to_string).collect();
         let tls = if tls.is_empty() { "none".to_owned() } else { tls.join(",") };
-        tracing::info!(listen = %addrs.join(","), tls = %tls, admin = %admin, generation = 1, apps, config = %path.display(), "miniapp-gateway started");
+        tracing::info!(listen = %addrs.join(","), tls = %tls, admin = %admin, console = %console, generation = 1, apps, config = %path.display(), "miniapp-gateway started");
         let reloader = gateway.reloader();
         let _watcher = spawn_watcher(reloader.clone());
         let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -356,6 +357,19 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
     }
     tracing::info!("miniapp-gateway stopped");
     Ok(())
+}
+
+/// The web console's address on the admin listener (on a wildcard address: by loopback).
+fn console_url(admin: std::net::SocketAddr) -> String {
+    let mut admin = admin;
+    if admin.ip().is_unspecified() {
+        admin.set_ip(if admin.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    format!("http://{admin}{}", miniapp_gateway::admin::CONSOLE_PATH)
 }
 
 /// How long the exit waits for the last access log lines to be written (stdout may be stuck).

@@ -211,6 +211,7 @@ impl Reloader {
         let revoked = self.shared.tunnels.revoke_refused(&snapshot.config);
         current.counters.forget_apps_not_in(&snapshot.config.policy);
         tracing::info!(?trigger, generation, apps, revoked, "config reloaded");
+        self.shared.events.publish(None, "reload", || serde_json::json!({ "generation": generation, "apps": apps }));
         Ok(generation)
     }
 

@@ -295,6 +295,9 @@ async fn the_dashboard_and_alerts_name_only_exported_metrics() {
     }
 }
 
+/// The demo admin token the shipped config admits (and the README names).
+const DEMO_TOKEN: &str = "console-demo-token";
+
 /// The shipped config, on port 0.
 fn shipped_config_on_port_0() -> String {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/gateway.toml")).unwrap();
@@ -323,21 +326,21 @@ async fn the_shipped_config_answers_the_readme_admin_examples() {
     let admin = gw.admin();
     let (status, _, body) = admin_request(admin, "GET", "/healthz", None, None).await;
     assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
-    let (status, body) = admin_json(admin, "POST", "/-/reload", None, None).await;
+    let (status, body) = admin_json(admin, "POST", "/-/reload", None, Some(DEMO_TOKEN)).await;
     assert_eq!((status, body["generation"].as_u64()), (200, Some(2)));
-    let (status, body) = admin_json(admin, "GET", "/v1/apps/demo", None, None).await;
+    let (status, body) = admin_json(admin, "GET", "/v1/apps/demo", None, Some(DEMO_TOKEN)).await;
     assert_eq!((status, body["name"].as_str()), (200, Some("Demo shop")));
     assert_eq!(body["server_domains"][1]["remark"], "image CDN");
     let check = r#"{"app":"demo","channel":"webview","url":"https://m.shop.example/cart"}"#;
-    let (status, body) = admin_json(admin, "POST", "/v1/check", Some(check), None).await;
+    let (status, body) = admin_json(admin, "POST", "/v1/check", Some(check), Some(DEMO_TOKEN)).await;
     assert_eq!(
         (status, body["decision"].as_str(), body["rule"].as_str()),
         (200, Some("allow"), Some("webview_domains[0]"))
     );
     let (status, body) =
-        admin_json(admin, "POST", "/v1/check", Some(r#"{"app":"demo","api":"shop.refund"}"#), None).await;
+        admin_json(admin, "POST", "/v1/check", Some(r#"{"app":"demo","api":"shop.refund"}"#), Some(DEMO_TOKEN)).await;
     assert_eq!((status, body["reason"].as_str()), (200, Some("api_not_whitelisted")));
-    let (status, _, body) = admin_request(admin, "GET", "/proxy.pac", None, None).await;
+    let (status, _, body) = admin_request(admin, "GET", "/proxy.pac", None, Some(DEMO_TOKEN)).await;
     assert_eq!(status, 200);
     assert!(String::from_utf8(body).unwrap().contains(&format!("PROXY {}", gw.addr())));
     let (_, _, body) = admin_request(admin, "GET", "/metrics", None, None).await;
@@ -403,10 +406,11 @@ fn the_token_command_prints_a_token_and_the_entry_that_admits_it() {
     assert_eq!(user.token_sha256, miniapp_gateway::config::token_sha256(token));
 }
 
-/// An admin request with a body and extra headers, on the shipped config (no token).
+/// An admin request with a body and extra headers, on the shipped config (with its demo token).
 async fn send_admin(admin: std::net::SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> Answer {
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nAuthorization: Bearer {DEMO_TOKEN}\r\n\
+         {headers}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     send_raw(admin, &request).await

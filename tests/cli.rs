@@ -120,6 +120,8 @@ struct Process {
     child: Child,
     proxy: std::net::SocketAddr,
     admin: Option<std::net::SocketAddr>,
+    /// The console's URL as the startup line names it.
+    console: String,
 }
 
 impl Process {
@@ -147,16 +149,21 @@ impl Process {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listen=").nth(1) {
                     let proxy = rest.split([',', ' ']).next().unwrap_or_default().to_owned();
-                    let admin =
-                        line.split("admin=").nth(1).and_then(|a| a.split(' ').next()).unwrap_or_default().to_owned();
-                    let _ = found.send((proxy, admin));
+                    let field = |name: &str| {
+                        line.split(&format!(" {name}="))
+                            .nth(1)
+                            .and_then(|a| a.split(' ').next())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let _ = found.send((proxy, field("admin"), field("console")));
                 }
             }
         });
-        let (proxy, admin) = startup.recv_timeout(WAIT).expect("no startup line from the gateway");
+        let (proxy, admin, console) = startup.recv_timeout(WAIT).expect("no startup line from the gateway");
         let proxy = proxy.parse().unwrap();
         let admin = admin.parse().ok();
-        Process { child, proxy, admin }
+        Process { child, proxy, admin, console }
     }
 
     fn signal(&self, name: &str) {
@@ -245,6 +252,22 @@ async fn tunnels_still_open_after_the_grace_are_closed() {
     let log = gw.stdout();
     let line: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     assert_eq!(line["closed_by"], "shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_startup_line_names_the_console_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n").unwrap();
+    let gw = Process::start(&path);
+    let admin = gw.admin.expect("the startup line names the admin address");
+    assert_eq!(gw.console, format!("http://{admin}/console/"));
+    let (status, headers, page) = admin_request(admin, "GET", "/console/", None, None).await;
+    assert_eq!((status, headers["content-type"].as_str()), (200, "text/html; charset=utf-8"));
+    assert!(String::from_utf8(page).unwrap().contains("<title>miniapp-gateway console</title>"));
+    let other = tempfile::tempdir().unwrap();
+    let without = Process::start(&process_config(other.path(), "127.0.0.1:1".parse().unwrap(), "1s"));
+    assert_eq!((without.admin, without.console.as_str()), (None, "off"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,7 +159,10 @@ pub(crate) async fn write(
         [] => "GET, PUT, DELETE",
         ["action"] => "PUT",
         ["rollback"] => "POST",
-        ["history"] => "GET",
+        ["history" | "decisions"] => "GET",
+        [list] | [list, _] if List::parse(list).is_none() => {
+            return error(StatusCode::NOT_FOUND, &format!("no list {list:?}"));
+        }
         [_] => "POST",
         [_, _] => "PUT, DELETE",
         _ => return error(StatusCode::NOT_FOUND, &format!("no admin path under /v1/apps/{id}/")),
@@ -500,18 +503,12 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     shared.metrics.app_changes.with_label_values(&[kind]).inc();
     tracing::info!(app = id, change = kind, revision = next, user = %who.user, client = %who.client, "app changed");
     match reloader.reload(Trigger::Admin).await {
-        Ok(generation) => match shown.filter(|_| !no_content) {
-            Some(stored) => {
-                let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-                app_response(status, &stored, Some(generation))
-            }
-            None => {
-                let mut response = Response::new(http_body_util::Full::new(Bytes::new()));
-                *response.status_mut() = StatusCode::NO_CONTENT;
-                response.headers_mut().insert("x-gateway-generation", HeaderValue::from(generation));
-                response
-            }
-        },
+        Ok(generation) => {
+            write.shared.events.publish(Some(id), "change", || {
+                json!({ "app": id, "change": kind, "revision": next, "user": write.who.user, "generation": generation })
+            });
+            changed_response(shown.filter(|_| !no_content), created, generation)
+        }
         Err(errors) => {
             // Not in force, so not kept: the app goes back to what it was.
             let undone = write.record(kind, "reload_failed", Some(next), None, None);
@@ -520,6 +517,22 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
                 Err(_) => "and undoing it failed too",
             };
             error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the reload failed ({kept}):\n{errors}"))
+        }
+    }
+}
+
+/// The answer to a write in force: the app as it is now, or `204` when it is gone.
+fn changed_response(shown: Option<Stored>, created: bool, generation: u64) -> Response<Body> {
+    match shown {
+        Some(stored) => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            app_response(status, &stored, Some(generation))
+        }
+        None => {
+            let mut response = Response::new(super::full(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response.headers_mut().insert("x-gateway-generation", HeaderValue::from(generation));
+            response
         }
     }
 }

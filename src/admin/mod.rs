@@ -1,10 +1,11 @@
-//! The admin listener: metrics, health, reload and the `/v1` API.
+//! The admin listener: metrics, health, reload, the `/v1` API and the web console.
 //!
 //! It is a separate listener so that operators can firewall it apart from the proxy port.
 //! `/metrics`, `/healthz` and `/readyz` are always open (scrapers and probes carry no
-//! secrets); with `admin_token` or `[[admin_user]]`s set, every other path needs
-//! `Authorization: Bearer <token>` of a user whose role allows it (viewer: read and check;
-//! editor: and change apps; admin: and reload).
+//! secrets), and so are the console's static files (`/`, `/console/…`: the page signs in with
+//! a token it then sends to the API); with `admin_token` or `[[admin_user]]`s set, every
+//! other path needs `Authorization: Bearer <token>` of a user whose role allows it (viewer:
+//! read, check, decisions and events; editor: and change apps; admin: and reload, roll back).
 //! It keeps answering while the proxy drains on shutdown, so `/readyz` can say 503.
 //!
 //! It is bounded like the proxy: at most [`MAX_CONNECTIONS`] connections (more are closed at
@@ -15,6 +16,8 @@
 //! that carries a foreign `Origin` (a page elsewhere posting to it) is refused.
 
 mod apps;
+mod console;
+mod events;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -48,6 +51,9 @@ use crate::throttle::AuthThrottle;
 /// running gateway by `tests/openapi.rs`).
 const OPENAPI: &str = include_str!("openapi.json");
 
+/// Where the web console is served (`GET /` redirects there).
+pub const CONSOLE_PATH: &str = console::PATH;
+
 /// Request bodies are small JSON documents.
 pub const MAX_BODY: usize = 64 * 1024;
 /// Admin connections served at once; a connection beyond it is closed unread.
@@ -57,7 +63,13 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request body must arrive within this.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub(crate) type Body = Full<Bytes>;
+/// Every answer is a whole body, but for the event stream.
+pub(crate) type Body = http_body_util::Either<Full<Bytes>, events::EventStream>;
+
+/// A whole body.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Either::Left(Full::new(bytes.into()))
+}
 
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -91,7 +103,7 @@ pub(crate) async fn serve(
             let service = service_fn(move |req| {
                 let caller = Caller { client, local, state: state.clone() };
                 let (shared, reloader) = (shared.clone(), reloader.clone());
-                async move { Ok::<_, Infallible>(route(req, &shared, &reloader, &caller).await) }
+                async move { Ok::<_, Infallible>(console::secure(route(req, &shared, &reloader, &caller).await)) }
             });
             let mut builder = http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(HEAD_TIMEOUT);
@@ -114,6 +126,8 @@ struct AdminState {
     throttle: AuthThrottle,
     /// App writes, one at a time.
     writes: apps::WriteLock,
+    /// Event streams open at once (each holds a connection for as long as it is read).
+    streams: events::StreamSlots,
 }
 
 /// Who is calling, and where they reached the listener.
@@ -144,6 +158,11 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     let snapshot = shared.live.load_full();
     if let Err(refusal) = browser_guard(&req, &snapshot.config.server.admin_hosts) {
         return refusal;
+    }
+    if matches!(method, Method::GET | Method::HEAD)
+        && let Some(page) = console::serve(&path)
+    {
+        return page;
     }
     let user = match authenticate(&req, &snapshot.config.server.admin_users, caller, shared) {
         Ok(user) => user,
@@ -197,6 +216,21 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             let id = &p["/v1/apps/".len()..p.len() - "/history".len()];
             apps::history(reloader, id)
         }
+        (&Method::GET, p) if p.starts_with("/v1/apps/") && p.ends_with("/decisions") => {
+            let id = &p["/v1/apps/".len()..p.len() - "/decisions".len()];
+            events::decisions(shared, policy, id)
+        }
+        (&Method::GET, "/v1/events") => {
+            let app = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                .find(|(key, _)| key == "app")
+                .map(|(_, app)| app.into_owned())
+                .filter(|app| !app.is_empty());
+            events::stream(shared, &caller.state.streams, app)
+        }
+        (&Method::GET, "/v1/me") => {
+            let (name, role) = user.map_or((None, Role::Admin), |user| (Some(user.name.as_str()), user.role));
+            json_response(StatusCode::OK, &json!({ "user": name, "role": role.as_str(), "auth": user.is_some() }))
+        }
         (&Method::GET, p) if p.starts_with("/v1/apps/") => {
             let id = &p["/v1/apps/".len()..];
             if let Some(stored) = apps::get(reloader, id) {
@@ -228,9 +262,11 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             respond(StatusCode::OK, "application/x-ns-proxy-autoconfig", pac.into_bytes())
         }
         (_, "/-/reload" | "/v1/check") => method_not_allowed(&method, "POST"),
-        (_, "/v1/apps" | "/v1/openapi.json" | "/proxy.pac" | "/metrics" | "/healthz" | "/readyz") => {
-            method_not_allowed(&method, "GET")
-        }
+        (
+            _,
+            "/v1/apps" | "/v1/openapi.json" | "/v1/events" | "/v1/me" | "/proxy.pac" | "/metrics" | "/healthz"
+            | "/readyz",
+        ) => method_not_allowed(&method, "GET"),
         _ => error(StatusCode::NOT_FOUND, &format!("no admin path {path}")),
     }
 }
@@ -511,7 +547,7 @@ impl<'a> AppView<'a> {
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response

@@ -28,8 +28,11 @@ use super::upstream::dial;
 use super::{ConnectionSlot, Shared, Snapshot};
 use crate::access_log::AccessRecord;
 use crate::config::{Binding, Config};
+use crate::decisions::Refusal;
 use crate::identity::{CertIdentity, IdentityError, Proof, identify};
-use crate::policy::{Action, Channel, FirstRecord, Reason, Target, Verdict, after_first_record, parse_authority};
+use crate::policy::{
+    Action, Channel, FirstRecord, Policy, Reason, Target, Verdict, after_first_record, parse_authority,
+};
 
 /// Per-connection context shared by the requests a keep-alive connection carries.
 pub(crate) struct ConnContext {
@@ -108,6 +111,17 @@ impl Attempt<'_> {
         self.snapshot.counters.count(self.counted_app.as_deref(), self.channel, verdict, reason);
     }
 
+    /// Keep a refusal (or would-be refusal) among the app's recent decisions.
+    fn note(&self, shared: &Shared, decision: Verdict, reason: Reason) {
+        let (Some(app), Some(channel), Some(host), Some(port)) =
+            (self.counted_app.as_deref(), self.channel, self.host.as_deref(), self.port)
+        else {
+            return;
+        };
+        let refusal = Refusal { app, channel, host, port, decision, reason };
+        note_refusal(shared, &self.snapshot.config.policy, &refusal);
+    }
+
     /// Count, log and answer a refusal whose message is the reason's standard sentence.
     fn refuse(&self, ctx: &ConnContext, reason: Reason, rule: Option<String>) -> Response<Body> {
         let app = self.app.as_deref().unwrap_or("-");
@@ -117,6 +131,7 @@ impl Attempt<'_> {
 
     fn refuse_with(&self, ctx: &ConnContext, reason: Reason, rule: Option<String>, message: &str) -> Response<Body> {
         self.count(Verdict::Deny, reason);
+        self.note(&ctx.shared, Verdict::Deny, reason);
         ctx.shared.log.record(self.record(Verdict::Deny, reason, rule, reason.status()));
         response::refusal(reason, self.app.as_deref(), self.channel, self.host.as_deref(), self.port, message)
     }
@@ -314,6 +329,9 @@ async fn connect(mut req: Request<Incoming>, ctx: &ConnContext, attempt: &mut At
         hello_timeout: config.limits.header_timeout,
         action: decision.app.map_or(Action::Enforce, |app| app.action),
     };
+    if decision.verdict == Verdict::Report {
+        attempt.note(&ctx.shared, Verdict::Report, decision.reason);
+    }
     let job = run_tunnel(ctx.shared.clone(), ctx.slot.clone(), on_upgrade, upstream, tunnel, registration, settings);
     ctx.shared.tracker.spawn(job);
     response::established(decision.verdict, decision.reason)
@@ -382,6 +400,9 @@ async fn run_tunnel(
         let (verdict, reason) = after_first_record(before, settings.action, &registration.tunnel().target, first);
         tunnel.record.decision = verdict;
         tunnel.record.reason = reason;
+        if (verdict, reason) != before && verdict != Verdict::Allow {
+            tunnel.note(&shared, verdict, reason);
+        }
         if verdict == Verdict::Deny {
             tunnel.count(&shared);
             shared.log.record(tunnel.finish(Closed::TlsCheck, Transferred::default()));
@@ -432,6 +453,27 @@ async fn run_tunnel(
     shared.log.record(tunnel.finish(closed, moved));
 }
 
+/// Keep `refusal` in its app's recent decisions and publish it, if the app is one the policy
+/// knows (a claimed id that names no app is not worth a table).
+fn note_refusal(shared: &Shared, policy: &Policy, refusal: &Refusal<'_>) {
+    if policy.app(refusal.app).is_none() {
+        return;
+    }
+    let now = SystemTime::now();
+    shared.decisions.note(refusal, now);
+    shared.events.publish(Some(refusal.app), "decision", || {
+        serde_json::json!({
+            "app": refusal.app,
+            "channel": refusal.channel,
+            "host": refusal.host,
+            "port": refusal.port,
+            "decision": refusal.decision.as_str(),
+            "reason": refusal.reason.as_str(),
+            "time": humantime::format_rfc3339_millis(now).to_string(),
+        })
+    });
+}
+
 /// The client side of a tunnel: the raw socket when the proxy listener is plain TCP, hyper's
 /// upgraded stream otherwise (a TLS listener).
 enum ClientStream {
@@ -461,6 +503,18 @@ struct Tunnel {
 }
 
 impl Tunnel {
+    /// Keep a refusal that the TLS check made among the app's recent decisions.
+    fn note(&self, shared: &Shared, decision: Verdict, reason: Reason) {
+        let record = &self.record;
+        let (Some(app), Some(channel), Some(host), Some(port)) =
+            (self.counted_app.as_deref(), record.channel, record.host.as_deref(), record.port)
+        else {
+            return;
+        };
+        let refusal = Refusal { app, channel, host, port, decision, reason };
+        note_refusal(shared, &shared.live.load().config.policy, &refusal);
+    }
+
     /// Count the tunnel's decision as it stands.
     fn count(&self, shared: &Shared) {
         let snapshot = shared.live.load();

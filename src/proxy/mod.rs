@@ -32,6 +32,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessRecord};
 use crate::config::{Config, ListenerSpec, Loader};
+use crate::decisions::RecentDecisions;
+use crate::events::Events;
 use crate::identity::CertIdentity;
 use crate::metrics::{Metrics, RequestCounters};
 use crate::policy::{Reason, Verdict};
@@ -81,6 +83,10 @@ pub(crate) struct Shared {
     pub tunnels: Tunnels,
     /// Failed proxy authentication per client address.
     pub auth_throttle: AuthThrottle,
+    /// Each app's recent refusals (`GET /v1/apps/{id}/decisions`).
+    pub decisions: RecentDecisions,
+    /// Refusals, app changes and reloads as they happen (`GET /v1/events`).
+    pub events: Events,
     /// The bound address of `server.listen` (what the PAC file names).
     pub proxy_addr: SocketAddr,
     /// Whether the admin listener runs (a reload may not remove its token then).
@@ -160,6 +166,8 @@ impl Gateway {
             tracker: TaskTracker::new(),
             tunnels: Tunnels::default(),
             auth_throttle: AuthThrottle::default(),
+            decisions: RecentDecisions::default(),
+            events: Events::default(),
             proxy_addr,
             admin_running: admin.is_some(),
             tls_running: listeners.iter().any(|(_, spec)| spec.tls),
