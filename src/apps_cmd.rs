@@ -36,6 +36,7 @@ pub fn export(config_path: &Path, format: Format) -> Result<String, String> {
                 .into_iter()
                 .map(|mut doc| {
                     doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
+                    doc.has_secret = doc.secret.as_ref().is_some_and(Option::is_some);
                     doc
                 })
                 .collect();
@@ -112,6 +113,7 @@ pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, St
         let doc = doc.map(|doc| {
             let mut doc = doc.clone();
             doc.token = Some(doc.token_after(current.as_ref()));
+            doc.secret = Some(doc.secret_after(current.as_ref()));
             doc
         });
         if let Some(doc) = &doc

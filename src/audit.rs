@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::store::AppDoc;
@@ -55,6 +56,11 @@ impl AuditLog {
         AuditLog { path, append: Mutex::new(()) }
     }
 
+    /// A log of its own at `path` (the consent history uses one).
+    pub fn at(path: PathBuf) -> AuditLog {
+        AuditLog { path, append: Mutex::new(()) }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -77,6 +83,11 @@ impl AuditLog {
 
     /// Append `record` and sync it to disk.
     pub fn append(&self, record: &Record) -> std::io::Result<()> {
+        self.append_value(record)
+    }
+
+    /// Append any record as one JSON line, and sync it to disk.
+    pub fn append_value(&self, record: &impl Serialize) -> std::io::Result<()> {
         let _one_at_a_time = self.append.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() >= ROTATE_AT) {
             let next = u32::try_from(self.rotations().len()).unwrap_or(u32::MAX - 1) + 1;
@@ -103,6 +114,27 @@ impl AuditLog {
     pub fn history(&self, app: &str) -> std::io::Result<Vec<Record>> {
         let mut records = Vec::new();
         let mut undone = std::collections::HashSet::new();
+        for record in self.read_all::<Record>()? {
+            if record.app != app {
+                continue;
+            }
+            match record.outcome.as_str() {
+                "applied" => records.push(record),
+                "conflict" | "write_failed" | "reload_failed" => drop(undone.insert(record.revision)),
+                _ => {}
+            }
+        }
+        records.retain(|record| !undone.contains(&record.revision));
+        records.reverse();
+        Ok(records)
+    }
+}
+
+impl AuditLog {
+    /// Every record of the log, the rotated files' first, oldest first. A line cut short by a
+    /// crash (or of another shape) is skipped, not fatal.
+    pub fn read_all<T: DeserializeOwned>(&self) -> std::io::Result<Vec<T>> {
+        let mut records = Vec::new();
         for path in self.rotations().into_iter().chain([self.path.clone()]) {
             let file = match std::fs::File::open(&path) {
                 Ok(file) => file,
@@ -110,21 +142,11 @@ impl AuditLog {
                 Err(e) => return Err(e),
             };
             for line in std::io::BufReader::new(file).lines() {
-                let line = line?;
-                // A line cut short by a crash is skipped, not fatal.
-                let Ok(record) = serde_json::from_str::<Record>(&line) else { continue };
-                if record.app != app {
-                    continue;
-                }
-                match record.outcome.as_str() {
-                    "applied" => records.push(record),
-                    "conflict" | "write_failed" | "reload_failed" => drop(undone.insert(record.revision)),
-                    _ => {}
+                if let Ok(record) = serde_json::from_str::<T>(&line?) {
+                    records.push(record);
                 }
             }
         }
-        records.retain(|record| !undone.contains(&record.revision));
-        records.reverse();
         Ok(records)
     }
 }

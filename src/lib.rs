@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod scopes;
 pub mod store;
 pub mod throttle;
 pub mod tls;

@@ -73,6 +73,16 @@ pub struct AppDoc {
     pub webview_domains: Vec<EntryDoc>,
     #[serde(default)]
     pub api_whitelist: Vec<String>,
+    /// Whose consent rules apply: `mpaas` (absent), `wechat` or `superapp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// The secret the app's backend exchanges auth codes with. Never shown (`has_secret` is);
+    /// on a write, absent keeps the current one, `null` removes it, a string sets it.
+    #[serde(default, skip_serializing, deserialize_with = "some_or_null")]
+    pub secret: Option<Option<String>>,
+    /// Shown, not taken (`secret` decides).
+    #[serde(default)]
+    pub has_secret: bool,
     /// What a `GET` shows besides the app (its revision, the generation after a write): taken
     /// and ignored, so that an app read can be written back as it is.
     #[serde(default, rename = "revision", skip_serializing)]
@@ -87,6 +97,7 @@ impl PartialEq for AppDoc {
             == (&other.id, &other.name, &other.token, other.has_token, other.action)
             && (&self.server_domains, &self.webview_domains, &self.api_whitelist)
                 == (&other.server_domains, &other.webview_domains, &other.api_whitelist)
+            && (&self.platform, &self.secret, self.has_secret) == (&other.platform, &other.secret, other.has_secret)
     }
 }
 
@@ -245,6 +256,9 @@ impl AppDoc {
             server_domains: entry_docs(raw.server_domains.as_ref()),
             webview_domains: entry_docs(raw.webview_domains.as_ref()),
             api_whitelist: raw.api_whitelist.iter().flatten().map(|api| api.get_ref().clone()).collect(),
+            platform: raw.platform.as_ref().map(|platform| platform.get_ref().clone()),
+            secret: raw.secret.as_ref().map(|secret| Some(secret.get_ref().clone())),
+            has_secret: raw.secret.is_some(),
             ignored_revision: None,
             ignored_generation: None,
         }
@@ -255,6 +269,16 @@ impl AppDoc {
         match &self.token {
             Some(given) => given.clone(),
             None => current.and_then(|doc| doc.token.clone().flatten()),
+        }
+    }
+
+    /// The secret to write: the one given, or the current one when none was given. (A
+    /// rollback past a deletion has none to keep: the app then has no secret, and its auth
+    /// codes cannot be exchanged until one is set, which fails closed.)
+    pub fn secret_after(&self, current: Option<&AppDoc>) -> Option<String> {
+        match &self.secret {
+            Some(given) => given.clone(),
+            None => current.and_then(|doc| doc.secret.clone().flatten()),
         }
     }
 }
@@ -327,6 +351,12 @@ impl Store for FileStore {
         if let Some(action) = doc.action {
             line(&mut text, format!("action = \"{}\"", action.as_str()), "action");
         }
+        if let Some(platform) = &doc.platform {
+            line(&mut text, format!("platform = {}", quoted(platform)), "platform");
+        }
+        if let Some(Some(secret)) = &doc.secret {
+            line(&mut text, format!("secret = {}", quoted(secret)), "secret");
+        }
         for (key, entries) in [("server_domains", &doc.server_domains), ("webview_domains", &doc.webview_domains)] {
             line(&mut text, format!("{key} = ["), key);
             for (i, entry) in entries.iter().enumerate() {
@@ -366,32 +396,40 @@ impl Store for FileStore {
             return Err(WriteError::Changed);
         }
         match &rendered.text {
-            None => std::fs::remove_file(&rendered.file)?,
-            Some(text) => {
-                // Not `*.toml`: a reload never reads it half-written. A new name each time,
-                // created new, owner-only (the file may hold the app's proxy password).
-                let name = rendered.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let mut nonce = [0u8; 8];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-                    .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
-                let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-                let temp = dir.join(format!(".{name}.{nonce}.tmp"));
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&temp)?;
-                let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_all());
-                if let Err(e) = written.and_then(|()| std::fs::rename(&temp, &rendered.file)) {
-                    let _ = std::fs::remove_file(&temp);
-                    return Err(e.into());
-                }
+            None => {
+                std::fs::remove_file(&rendered.file)?;
+                std::fs::File::open(dir)?.sync_all()?;
             }
+            // Not `*.toml` while written: a reload never reads it half-written.
+            Some(text) => write_atomically(&rendered.file, text.as_bytes())?,
         }
-        std::fs::File::open(dir)?.sync_all()?;
         Ok(())
     }
+}
+
+/// Replace `file` with `bytes` so that a crash leaves the old content or the new, never a
+/// mix: a new owner-only (`0600`: it may hold secrets) file under a fresh temporary name
+/// in the same directory, synced, renamed over `file`, and the directory synced.
+pub fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut nonce = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let temp = dir.join(format!(".{name}.{nonce}.tmp"));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)?;
+    let written = out.write_all(bytes).and_then(|()| out.sync_all());
+    if let Err(e) = written.and_then(|()| std::fs::rename(&temp, file)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The `*.toml` files of `apps_dir`, in name order.
@@ -483,8 +521,13 @@ impl AppDoc {
         let mut b = incoming.clone();
         a.has_token = false;
         b.has_token = false;
+        a.has_secret = false;
+        b.has_secret = false;
         if b.token.is_none() {
             b.token = a.token.clone();
+        }
+        if b.secret.is_none() {
+            b.secret = a.secret.clone();
         }
         a == b
     }
@@ -518,6 +561,12 @@ impl AppDoc {
         }
         if self.token.is_some() && before.token != self.token {
             parts.push("token changed".to_owned());
+        }
+        if before.platform != self.platform {
+            parts.push(format!("platform {:?} -> {:?}", before.platform, self.platform));
+        }
+        if self.secret.is_some() && before.secret != self.secret {
+            parts.push("secret changed".to_owned());
         }
         parts.join("; ")
     }
@@ -576,6 +625,9 @@ mod tests {
             ],
             webview_domains: vec![],
             api_whitelist: vec!["shop.pay".into()],
+            platform: Some("wechat".into()),
+            secret: Some(Some("backend-secret".into())),
+            has_secret: false,
             ignored_revision: None,
             ignored_generation: None,
         }
@@ -589,6 +641,7 @@ mod tests {
         let Place::Writable(stored) = store.place("shop").unwrap() else { panic!("not writable") };
         let mut expected = doc();
         expected.has_token = true;
+        expected.has_secret = true;
         assert_eq!((&stored.doc, stored.revision), (&expected, 7));
         assert_eq!(Some(&stored.text), rendered.text.as_ref());
         // every value on its own line, the remark with its newline escaped

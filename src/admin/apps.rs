@@ -333,6 +333,7 @@ fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<
         Change::Replace(mut doc) => {
             doc.id = id.to_owned();
             doc.token = Some(doc.token_after(current));
+            doc.secret = Some(doc.secret_after(current));
             Ok(Some(doc))
         }
         Change::Delete => current.map(|_| None).ok_or_else(missing),
@@ -342,6 +343,8 @@ fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<
             doc.id = id.to_owned();
             doc.token = None; // a record holds no token: the current one stays
             doc.token = Some(doc.token_after(current));
+            doc.secret = None; // nor a secret
+            doc.secret = Some(doc.secret_after(current));
             Ok(Some(doc))
         }
         Change::Action(action) => {
@@ -537,6 +540,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     }
     let shown = doc.map(|mut doc| {
         doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
+        doc.has_secret = doc.secret.as_ref().is_some_and(Option::is_some);
         Stored { doc, revision: next, text: String::new() }
     });
     if dry_run {

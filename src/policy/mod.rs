@@ -328,6 +328,10 @@ pub struct App {
     pub server_domains: DomainList,
     pub webview_domains: DomainList,
     pub api_whitelist: HashSet<Box<str>>,
+    /// Whose consent rules apply to its scopes.
+    pub platform: crate::scopes::rules::Platform,
+    /// What its backend presents to exchange an auth code.
+    pub secret: Option<Box<str>>,
 }
 
 impl App {

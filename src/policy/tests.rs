@@ -17,6 +17,8 @@ fn app(id: &str, action: Action, server: &[&str], webview: &[&str]) -> App {
         server_domains: list(server),
         webview_domains: list(webview),
         api_whitelist: HashSet::new(),
+        platform: crate::scopes::rules::Platform::Mpaas,
+        secret: None,
     }
 }
 

@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub tunnels: Tunnels,
     /// Failed proxy authentication per client address.
     pub auth_throttle: AuthThrottle,
+    /// Consent records, prompts and auth codes: kept across reloads.
+    pub scopes: Arc<crate::scopes::service::ScopeService>,
     /// The bound address of `server.listen` (what the PAC file names).
     pub proxy_addr: SocketAddr,
     /// Whether the admin listener runs (a reload may not remove its token then).
@@ -139,6 +141,7 @@ impl Gateway {
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let resolver = Resolver::new(&config.dns, config.limits.connect_timeout)
             .map_err(|e| io::Error::other(format!("cannot set up DNS ([dns] or /etc/resolv.conf): {e}")))?;
+        let scopes = crate::scopes::service::ScopeService::open(&config.scopes, metrics.scope_decisions.clone())?;
         let snapshot = Snapshot::new(config, &metrics);
         crate::reload::publish(&metrics, &snapshot);
         let shared = Arc::new(Shared {
@@ -152,6 +155,7 @@ impl Gateway {
             tracker: TaskTracker::new(),
             tunnels: Tunnels::default(),
             auth_throttle: AuthThrottle::default(),
+            scopes: Arc::new(scopes),
             proxy_addr,
             admin_running: admin.is_some(),
             tls_running: listeners.iter().any(|(_, spec)| spec.tls),
