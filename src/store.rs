@@ -351,12 +351,6 @@ impl Store for FileStore {
         if let Some(action) = doc.action {
             line(&mut text, format!("action = \"{}\"", action.as_str()), "action");
         }
-        if let Some(platform) = &doc.platform {
-            line(&mut text, format!("platform = {}", quoted(platform)), "platform");
-        }
-        if let Some(Some(secret)) = &doc.secret {
-            line(&mut text, format!("secret = {}", quoted(secret)), "secret");
-        }
         for (key, entries) in [("server_domains", &doc.server_domains), ("webview_domains", &doc.webview_domains)] {
             line(&mut text, format!("{key} = ["), key);
             for (i, entry) in entries.iter().enumerate() {
@@ -373,6 +367,12 @@ impl Store for FileStore {
             line(&mut text, format!("  {},", quoted(api)), &format!("api_whitelist[{i}]"));
         }
         line(&mut text, "]".to_owned(), "api_whitelist");
+        if let Some(platform) = &doc.platform {
+            line(&mut text, format!("platform = {}", quoted(platform)), "platform");
+        }
+        if let Some(Some(secret)) = &doc.secret {
+            line(&mut text, format!("secret = {}", quoted(secret)), "secret");
+        }
         let body = &text[1..];
         let header = format!(
             "{REVISION_MARK}{revision} sha256={}: kept by the admin API; edits by hand are fine (comments are not kept)",

@@ -139,7 +139,9 @@ pub(crate) fn history(reloader: &Reloader, id: &str) -> Response<Body> {
     {
         records.insert(0, edit);
     }
-    json_response(StatusCode::OK, &json!({ "revisions": records }))
+    // Consent changes are kept apart (they are the users', not the app's), and linked here.
+    let consents = format!("/v1/scopes/history?app={id}");
+    json_response(StatusCode::OK, &json!({ "revisions": records, "consent_history": consents }))
 }
 
 /// The change by `file` that an app's file shows when it was edited by hand since the last

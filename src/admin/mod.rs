@@ -15,6 +15,7 @@
 //! that carries a foreign `Origin` (a page elsewhere posting to it) is refused.
 
 mod apps;
+mod scopes;
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -146,6 +147,10 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     if let Err(refusal) = browser_guard(&req, &snapshot.config.server.admin_hosts) {
         return refusal;
     }
+    // The app backend's call: it authenticates with the app's secret, not a bearer token.
+    if (&method, path.as_str()) == (&Method::POST, "/v1/auth-codes/exchange") {
+        return scopes::exchange(req, &shared.scopes, &snapshot.config, caller).await;
+    }
     let user = match authenticate(&req, &snapshot.config.server.admin_users, caller, shared) {
         Ok(user) => user,
         Err(refusal) => return refusal,
@@ -154,6 +159,11 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         (&Method::POST, "/-/reload") => Role::Admin,
         (&Method::POST, p) if p.starts_with("/v1/apps/") && p.ends_with("/rollback") => Role::Admin,
         (&Method::GET, _) | (&Method::POST, "/v1/check") => Role::Viewer,
+        // A container's calls: they record only what the configured prompter answers.
+        (&Method::POST, "/v1/scopes/decide" | "/v1/scopes/authorize" | "/v1/auth-codes") => Role::Viewer,
+        // Stating the user's answer: openSetting, a rig answering a prompt.
+        (&Method::PUT, "/v1/scopes/settings") => Role::Editor,
+        (&Method::POST, p) if p.starts_with("/v1/scopes/prompts/") => Role::Editor,
         (_, p) if p.starts_with("/v1/apps/") => Role::Editor,
         // Anything not named above (a route added later, a method nobody serves) is closed
         // to all but admins until it is.
@@ -216,6 +226,21 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             apps::write(req, shared, reloader, &caller.state.writes, &who, &id, &rest).await
         }
         (&Method::POST, "/v1/check") => check(req, policy, reloader).await,
+        (&Method::POST, "/v1/scopes/decide") => scopes::decide(req, &shared.scopes, &snapshot.config).await,
+        (&Method::POST, "/v1/scopes/authorize") => scopes::authorize(req, &shared.scopes, &snapshot.config).await,
+        (&Method::GET, "/v1/scopes/settings") => scopes::settings(&req, &shared.scopes, &snapshot.config),
+        (&Method::PUT, "/v1/scopes/settings") => {
+            let who = user.map_or("anonymous", |u| u.name.as_str());
+            scopes::change_setting(req, &shared.scopes, &snapshot.config, who).await
+        }
+        (&Method::GET, "/v1/scopes/prompts") => scopes::prompts(&req, &shared.scopes),
+        (&Method::POST, p) if p.starts_with("/v1/scopes/prompts/") => {
+            let id = p["/v1/scopes/prompts/".len()..].to_owned();
+            let who = user.map_or("anonymous", |u| u.name.as_str());
+            scopes::answer(req, &shared.scopes, &id, who).await
+        }
+        (&Method::GET, "/v1/scopes/history") => scopes::history(&req, &shared.scopes),
+        (&Method::POST, "/v1/auth-codes") => scopes::issue_code(req, &shared.scopes, &snapshot.config).await,
         (&Method::GET, "/v1/openapi.json") => respond(StatusCode::OK, "application/json", OPENAPI.as_bytes().to_vec()),
         (&Method::GET, "/proxy.pac") => {
             let proxy = pac_proxy(&req, &shared.proxy_addr, caller.local.ip());
@@ -225,9 +250,23 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             );
             respond(StatusCode::OK, "application/x-ns-proxy-autoconfig", pac.into_bytes())
         }
-        (_, "/-/reload" | "/v1/check" | "/v1/apps" | "/proxy.pac" | "/metrics" | "/healthz" | "/readyz") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {path}"))
-        }
+        (
+            _,
+            "/-/reload"
+            | "/v1/check"
+            | "/v1/apps"
+            | "/proxy.pac"
+            | "/metrics"
+            | "/healthz"
+            | "/readyz"
+            | "/v1/scopes/decide"
+            | "/v1/scopes/authorize"
+            | "/v1/scopes/settings"
+            | "/v1/scopes/prompts"
+            | "/v1/scopes/history"
+            | "/v1/auth-codes"
+            | "/v1/auth-codes/exchange",
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, &format!("{method} is not allowed on {path}")),
         _ => error(StatusCode::NOT_FOUND, &format!("no admin path {path}")),
     }
 }
@@ -462,6 +501,8 @@ struct AppView<'a> {
     server_domains: Vec<EntryView>,
     webview_domains: Vec<EntryView>,
     api_whitelist: BTreeSet<&'a str>,
+    platform: &'static str,
+    has_secret: bool,
 }
 
 #[derive(Serialize)]
@@ -487,6 +528,8 @@ impl<'a> AppView<'a> {
             server_domains: entries(&app.server_domains),
             webview_domains: entries(&app.webview_domains),
             api_whitelist: app.api_whitelist.iter().map(|a| &**a).collect(),
+            platform: app.platform.as_str(),
+            has_secret: app.secret.is_some(),
         }
     }
 }

@@ -191,8 +191,6 @@ pub struct Ask {
     pub system: SystemPermission,
     /// Wait for the prompter's answer (the default), or answer `prompt` at once.
     pub wait: bool,
-    /// The admin user of the request, for the history.
-    pub by: String,
 }
 
 /// The scope service (see the module docs).
