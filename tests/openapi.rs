@@ -125,11 +125,19 @@ async fn every_route_answers_as_the_openapi_document_says() {
     let origin = Origin::start(&["api.shop.example"]).await;
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n[policy]\napps_dir = \"apps\"\n\n\
-         [resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\n",
+         [scopes]\nusers = \"users.toml\"\n\n\
+         [resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\nplatform = \"superapp\"\n\
+         secret = \"main-secret\"\napi_whitelist = [\"scan\"]\n",
         origin.addr
     );
     let shop = "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n";
-    let gw = TestGateway::start_with_apps(&text, &[("shop.toml", shop)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    std::fs::write(dir.path().join("apps/shop.toml"), shop).unwrap();
+    std::fs::write(dir.path().join("users.toml"), "[[user]]\nid = \"alice\"\nnickname = \"Al\"\n").unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = TestGateway::start_at(dir, path).await;
 
     let (status, _, served) = admin_request(gw.admin(), "GET", "/v1/openapi.json", None, None).await;
     assert_eq!(status, 200);
@@ -184,6 +192,70 @@ async fn every_route_answers_as_the_openapi_document_says() {
     assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "", None).await, 428);
     assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "If-Match: \"8\"\r\n", None).await, 204);
     assert_eq!(api.call("GET", "/v1/openapi.json", "/v1/openapi.json", "", None).await, 200);
+
+    let decide = "/v1/scopes/decide";
+    let open = json!({"app": "main", "user": "u", "api": "scan", "wait": false});
+    assert_eq!(api.call("POST", decide, decide, "", Some(open)).await, 200);
+    assert_eq!(
+        api.call("POST", decide, decide, "", Some(json!({"app": "ghost", "user": "u", "api": "scan"}))).await,
+        404
+    );
+    assert_eq!(api.call("POST", decide, decide, "", Some(json!({"app": "main", "user": "u"}))).await, 400);
+    let prompts = "/v1/scopes/prompts";
+    assert_eq!(api.call("GET", prompts, "/v1/scopes/prompts?app=main", "", None).await, 200);
+    let (_, _, listed) = admin_request(gw.admin(), "GET", prompts, None, None).await;
+    let listed: Value = serde_json::from_slice(&listed).unwrap();
+    let answer = format!("/v1/scopes/prompts/{}", listed["prompts"][0]["id"].as_str().unwrap());
+    let template = "/v1/scopes/prompts/{prompt}";
+    assert_eq!(api.call("POST", template, &answer, "", Some(json!({"answer": "allow"}))).await, 200);
+    assert_eq!(api.call("POST", template, &answer, "", Some(json!({"answer": "allow"}))).await, 404);
+    let authorize = "/v1/scopes/authorize";
+    let scope = |scope: &str| json!({"app": "main", "user": "u", "scope": scope});
+    assert_eq!(api.call("POST", authorize, authorize, "", Some(scope("camera"))).await, 200);
+    assert_eq!(api.call("POST", authorize, authorize, "", Some(scope("nope"))).await, 422);
+    assert_eq!(
+        api.call("POST", authorize, authorize, "", Some(json!({"app": "ghost", "user": "u", "scope": "camera"}))).await,
+        404
+    );
+    assert_eq!(api.call("POST", authorize, authorize, "", Some(json!({"app": "main", "user": "u"}))).await, 400);
+    let settings = "/v1/scopes/settings";
+    assert_eq!(api.call("GET", settings, "/v1/scopes/settings?app=main&user=u", "", None).await, 200);
+    assert_eq!(api.call("GET", settings, "/v1/scopes/settings?app=main", "", None).await, 400);
+    assert_eq!(api.call("GET", settings, "/v1/scopes/settings?app=ghost&user=u", "", None).await, 404);
+    let change = |app: &str, scope: &str| json!({"app": app, "user": "u", "scope": scope, "state": "denied"});
+    assert_eq!(api.call("PUT", settings, settings, "", Some(change("main", "camera"))).await, 200);
+    assert_eq!(api.call("PUT", settings, settings, "", Some(change("main", "auth_base"))).await, 422);
+    assert_eq!(api.call("PUT", settings, settings, "", Some(change("ghost", "camera"))).await, 404);
+    assert_eq!(
+        api.call(
+            "PUT",
+            settings,
+            settings,
+            "",
+            Some(json!({"app": "main", "user": "", "scope": "camera", "state": "denied"}))
+        )
+        .await,
+        400
+    );
+    let history = "/v1/scopes/history";
+    assert_eq!(api.call("GET", history, "/v1/scopes/history?app=main&user=u", "", None).await, 200);
+    assert_eq!(api.call("GET", history, history, "", None).await, 400);
+    let codes = "/v1/auth-codes";
+    let ask = |user: &str, scope: &str| json!({"app": "main", "user": user, "scopes": [scope]});
+    assert_eq!(api.call("POST", codes, codes, "", Some(ask("alice", "auth_base"))).await, 200);
+    assert_eq!(api.call("POST", codes, codes, "", Some(ask("carol", "auth_base"))).await, 404);
+    assert_eq!(api.call("POST", codes, codes, "", Some(ask("alice", "camera"))).await, 422);
+    assert_eq!(api.call("POST", codes, codes, "", Some(json!({"app": "main", "user": "alice"}))).await, 400);
+    let no_wait = json!({"app": "main", "user": "alice", "scopes": ["USER_NICKNAME"], "wait": false});
+    assert_eq!(api.call("POST", codes, codes, "", Some(no_wait)).await, 200);
+    let (_, _, issued) =
+        admin_request(gw.admin(), "POST", codes, Some(&ask("alice", "auth_base").to_string()), None).await;
+    let code: Value = serde_json::from_slice::<Value>(&issued).unwrap()["code"].clone();
+    let exchange = "/v1/auth-codes/exchange";
+    let with = |secret: &str| json!({"app": "main", "secret": secret, "code": code});
+    assert_eq!(api.call("POST", exchange, exchange, "", Some(with("wrong"))).await, 401);
+    assert_eq!(api.call("POST", exchange, exchange, "", Some(with("main-secret"))).await, 200);
+    assert_eq!(api.call("POST", exchange, exchange, "", Some(with("main-secret"))).await, 400);
 
     let documented: BTreeSet<(String, String)> = api.doc["paths"]
         .as_object()

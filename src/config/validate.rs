@@ -1046,6 +1046,69 @@ mod tests {
     }
 
     #[test]
+    fn scopes_settings_are_checked_where_they_are() {
+        let text = "[scopes]\nprompter = \"ask\"\nprompt_timeout = \"0s\"\nwebhook_url = \"https://hook.example/p\"\n\n\
+                    [[scopes.scope]]\nplatform = \"alipay\"\nscope = \"camera\"\n\n\
+                    [[scopes.scope]]\nplatform = \"mpaas\"\nscope = \"album\"\napis = [\"scan\"]\n\n\
+                    [[scopes.scope]]\nplatform = \"superapp\"\nscope = \"USER_PHONE\"\nfields = [\"phone\"]\n\n\
+                    [[app]]\nid = \"a\"\nplatform = \"weixin\"\nsecret = \"\"\n";
+        assert_eq!(
+            errors(text),
+            [
+                "gw.toml:2:12: prompter must be allow, deny, pending or webhook",
+                "gw.toml:3:18: prompt_timeout must be longer than zero",
+                "gw.toml:4:15: webhook_url must be an http:// URL (no TLS to the host's dialog), not \"https://hook.example/p\"",
+                "gw.toml:7:12: platform must be mpaas, wechat or superapp",
+                r#"gw.toml:12:9: [[scopes.scope]] "album": API "scan" is already covered by scope "camera" of mpaas; an API needs one scope"#,
+                r#"gw.toml:17:9: [[scopes.scope]] "USER_PHONE": a new scope needs apis (a device scope) or fields (a user-information scope)"#,
+                r#"gw.toml:18:11: unknown user field "phone"; the fields are user_id, nickname, name, login_id, hash_login_id, avatar, gender, birthday, nationality, contact_info"#,
+                "gw.toml:22:12: platform must be mpaas, wechat or superapp",
+                "gw.toml:23:10: secret must not be empty or begin or end with whitespace (remove it: no auth codes)",
+            ]
+        );
+        assert_eq!(
+            errors("[scopes]\nprompter = \"webhook\"\n"),
+            ["gw.toml:2:12: prompter = \"webhook\" needs a webhook_url"]
+        );
+        assert_eq!(
+            errors(
+                "[scopes]\nconsent = \"x\"\n\n[[scopes.scope]]\nplatform = \"mpaas\"\nscope = \"camera\"\ntitel = \"t\"\n"
+            ),
+            ["gw.toml:2:1: unknown field `consent` in scopes", "gw.toml:7:1: unknown field `titel` in scopes.scope[0]"]
+        );
+    }
+
+    #[test]
+    fn the_user_directory_is_read_and_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gateway.toml");
+        std::fs::write(&main, "[scopes]\nusers = \"users.toml\"\nprompter = \"webhook\"\nwebhook_url = \"http://127.0.0.1:7000/prompt?x=1\"\n").unwrap();
+        let missing = load(&main, &mut AppsCache::default()).unwrap_err();
+        assert!(
+            missing.0[0].unreadable && missing.0[0].message.starts_with("cannot read the user directory"),
+            "{missing}"
+        );
+        let users = dir.path().join("users.toml");
+        std::fs::write(&users, "[[user]]\nid = \"u1\"\nnick = \"x\"\n\n[[user]]\nid = \"u1\"\n").unwrap();
+        let err = load(&main, &mut AppsCache::default()).unwrap_err().to_string();
+        assert!(err.contains("users.toml:3:1: unknown field `nick` in user[0]"), "{err}");
+        std::fs::write(&users, "[[user]]\nid = \"u1\"\nnickname = \"x\"\n\n[[user]]\nid = \"u1\"\n").unwrap();
+        let err = load(&main, &mut AppsCache::default()).unwrap_err().to_string();
+        assert!(err.ends_with("users.toml:6:6: duplicate user id \"u1\""), "{err}");
+        std::fs::write(&users, "[[user]]\nid = \"u1\"\nnickname = \"x\"\nlogin_id = \"l\"\n").unwrap();
+        let config = load(&main, &mut AppsCache::default()).unwrap();
+        let directory = &config.scopes.users;
+        assert_eq!(directory.field("u1", UserField::Nickname).as_deref(), Some("x"));
+        assert_eq!(directory.field("u1", UserField::UserId).as_deref(), Some("u1"));
+        assert_eq!(directory.field("u1", UserField::Name), None);
+        assert_eq!(directory.field("u2", UserField::UserId), None);
+        assert!(config.other_files.contains(&users), "a change to it is noticed and reloaded");
+        let Prompter::Webhook(url) = &config.scopes.prompter else { panic!("{:?}", config.scopes.prompter) };
+        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("127.0.0.1", 7000, "/prompt?x=1"));
+        assert_eq!(config.scopes.consent_file, dir.path().join("consent.json"));
+    }
+
+    #[test]
     fn a_file_of_comments_is_a_valid_config_with_defaults() {
         let text = "# nothing but defaults\n".to_owned();
         let config = load_text(Path::new("gw.toml"), text, &mut AppsCache::default()).unwrap();
