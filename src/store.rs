@@ -123,7 +123,7 @@ pub enum Place {
     /// Not defined anywhere: a write may create it.
     Free,
     /// In a file of its own that the store writes.
-    Writable(Stored),
+    Writable(Box<Stored>),
     /// Somewhere the store does not write (the main config, a file with other apps).
     ReadOnly(PathBuf),
 }
@@ -314,7 +314,7 @@ impl Store for FileStore {
                     {
                         let doc = AppDoc::from_raw(app);
                         let revision = revision_of(&text);
-                        return Ok(Place::Writable(Stored { doc, revision, text }));
+                        return Ok(Place::Writable(Box::new(Stored { doc, revision, text })));
                     }
                     return Ok(Place::ReadOnly(file));
                 }
