@@ -494,3 +494,28 @@ async fn consent_survives_reloads_and_restarts_and_goes_with_its_app() {
 }
 
 const APP_WX: &str = r#"{"platform": "wechat", "api_whitelist": ["getLocation"]}"#;
+
+#[tokio::test]
+async fn calls_beyond_the_waiting_limit_get_the_prompt_at_once_and_a_rig_can_still_answer() {
+    let gw = gateway("prompter = \"pending\"\nprompt_timeout = \"60s\"").await;
+    let admin = gw.admin();
+    let limit = miniapp_gateway::scopes::service::MAX_WAITING_CALLS;
+    let waiting: Vec<_> = (0..limit)
+        .map(|i| tokio::spawn(decide(admin, json!({"app": "cam", "user": format!("u{i}"), "api": "scan"}))))
+        .collect();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pending(admin).await.len() < limit {
+        assert!(tokio::time::Instant::now() < deadline, "the waiting calls did not all prompt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let beyond = decide(admin, json!({"app": "cam", "user": "late", "api": "scan"})).await;
+    assert_eq!(verdict(&beyond), ("prompt", "consent_required", false));
+    assert_eq!(beyond["prompt"]["user"], "late");
+    for prompt in pending(admin).await {
+        let path = format!("/v1/scopes/prompts/{}", prompt["id"].as_str().unwrap());
+        assert_eq!(call(admin, "POST", &path, Some(json!({"answer": "allow"})), EDITOR).await.0, 200);
+    }
+    for call in waiting {
+        assert_eq!(verdict(&call.await.unwrap()), ("allow", "scope_granted", true));
+    }
+}

@@ -142,6 +142,8 @@ impl Gateway {
         let resolver = Resolver::new(&config.dns, config.limits.connect_timeout)
             .map_err(|e| io::Error::other(format!("cannot set up DNS ([dns] or /etc/resolv.conf): {e}")))?;
         let scopes = crate::scopes::service::ScopeService::open(&config.scopes, metrics.scope_decisions.clone())?;
+        // Apps deleted while the gateway was down take their consent records with them.
+        scopes.forget_apps_not_in(&config.policy);
         let snapshot = Snapshot::new(config, &metrics);
         crate::reload::publish(&metrics, &snapshot);
         let shared = Arc::new(Shared {

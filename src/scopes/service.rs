@@ -34,6 +34,10 @@ use crate::policy::{Action, App, Policy};
 
 /// Prompts waiting at once; beyond it a call that needs one fails (`prompt_failed`).
 pub const MAX_PENDING_PROMPTS: usize = 1024;
+/// Calls waiting for a prompt's answer at once. Each holds an admin connection, and the admin
+/// listener serves 64: beyond this, a call answers `prompt` at once (as with `"wait": false`),
+/// so that a rig can always connect to answer.
+pub const MAX_WAITING_CALLS: usize = 32;
 /// Auth codes outstanding at once; beyond it, issuing one is refused until some expire.
 pub const MAX_AUTH_CODES: usize = 10_000;
 /// A webhook's answer is a small JSON document.
@@ -201,6 +205,7 @@ pub struct ScopeService {
     codes: Mutex<HashMap<String, AuthCode>>,
     history: AuditLog,
     decisions: IntCounterVec,
+    waiting: tokio::sync::Semaphore,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,6 +245,7 @@ impl ScopeService {
             codes: Mutex::new(HashMap::new()),
             history: AuditLog::at(history_path(file)),
             decisions,
+            waiting: tokio::sync::Semaphore::new(MAX_WAITING_CALLS),
         })
     }
 
@@ -478,9 +484,9 @@ impl ScopeService {
                 }
             });
         }
-        if !ask.wait {
+        let Some(_waiting) = ask.wait.then(|| self.waiting.try_acquire().ok()).flatten() else {
             return Ok(Prompted::Open(view));
-        }
+        };
         let waited = tokio::time::timeout_at(expires, settled.wait_for(Option::is_some)).await;
         let outcome = match waited.map(|value| value.map(|v| v.clone())) {
             Ok(Ok(value)) => value,
