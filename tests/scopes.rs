@@ -28,6 +28,10 @@ gender = "F"
 [[user]]
 id = "bob"
 nickname = "Bobby"
+
+[[user]]
+id = "2088000000000001"
+nickname = "Ada"
 "#;
 
 const APPS: &[(&str, &str)] = &[
@@ -518,4 +522,32 @@ async fn calls_beyond_the_waiting_limit_get_the_prompt_at_once_and_a_rig_can_sti
     for call in waiting {
         assert_eq!(verdict(&call.await.unwrap()), ("allow", "scope_granted", true));
     }
+}
+
+#[tokio::test]
+async fn the_example_container_shim_runs_its_scenario() {
+    if std::process::Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("skipped: no python3 to run examples/scope_shim.py");
+        return;
+    }
+    let gw = gateway("prompter = \"pending\"").await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/scope_shim.py");
+    let admin = format!("http://{}", gw.admin());
+    let run =
+        tokio::process::Command::new("python3").args([script, "--admin", &admin, "--token", EDITOR, "demo"]).output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = |label: &str| -> Value {
+        let prefix = format!("{label}: ");
+        let found =
+            stdout.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{label}?\n{stdout}"));
+        serde_json::from_str(found).unwrap()
+    };
+    assert_eq!(verdict(&line("weshop getLocation")), ("deny", "scope_denied", false));
+    assert_eq!(verdict(&line("weshop getLocation after openSetting")), ("allow", "scope_granted", false));
+    assert_eq!(line("supershop scan, camera denied for good by the host")["guide"], "showAuthGuide");
+    assert_eq!(verdict(&line("supershop scan, camera allowed by the host")), ("allow", "scope_granted", false));
+    assert_eq!(line("backend exchange (200)")["fields"], json!({"nickname": "Ada"}));
+    assert_eq!(line("backend exchange again (400)")["reason"], "code_unknown");
 }
