@@ -10,7 +10,9 @@
 //! Beside the hot path, the [`admin`] listener serves metrics, health and the management
 //! API. App edits go to a [`store`] (recorded in the [`audit`] log) and reach the proxy only
 //! through [`reload`], which validates a new snapshot beside the running one, swaps it in, and
-//! re-decides the open tunnels it may refuse.
+//! re-decides the open tunnels it may refuse. The admin listener also serves [`scopes`]: the
+//! platforms' consent rules for device and user-data APIs, which miniapp containers ask about
+//! before such calls, with consent records that outlive reloads and restarts.
 
 pub mod access_log;
 pub mod admin;

@@ -3,8 +3,10 @@
 //! It is a separate listener so that operators can firewall it apart from the proxy port.
 //! `/metrics`, `/healthz` and `/readyz` are always open (scrapers and probes carry no
 //! secrets); with `admin_token` or `[[admin_user]]`s set, every other path needs
-//! `Authorization: Bearer <token>` of a user whose role allows it (viewer: read and check;
-//! editor: and change apps; admin: and reload).
+//! `Authorization: Bearer <token>` of a user whose role allows it (viewer: read and check, and
+//! a miniapp container's scope calls; editor: and change apps, answer prompts, change consent
+//! settings; admin: and reload). The auth code exchange authenticates with the app's secret
+//! instead (see `scopes.rs`).
 //! It keeps answering while the proxy drains on shutdown, so `/readyz` can say 503.
 //!
 //! It is bounded like the proxy: at most [`MAX_CONNECTIONS`] connections (more are closed at
