@@ -116,7 +116,7 @@ pub struct ConsentChange {
     /// user of the request.
     pub by: String,
     /// `applied`, or `write_failed` when the consent file could not be written after the line
-    /// was (the change then did not happen).
+    /// was (the change then did not happen, and the history leaves both lines out).
     pub outcome: String,
 }
 
@@ -601,6 +601,14 @@ impl ScopeService {
             .into_iter()
             .filter(|c| c.app == app && user.is_none_or(|user| c.user == user))
             .collect();
+        // A change whose file write failed did not happen: both its lines are left out.
+        let failed: std::collections::HashSet<(String, String, String)> = changes
+            .iter()
+            .filter(|c| c.outcome == "write_failed")
+            .map(|c| (c.time.clone(), c.user.clone(), c.scope.clone()))
+            .collect();
+        changes
+            .retain(|c| c.outcome == "applied" && !failed.contains(&(c.time.clone(), c.user.clone(), c.scope.clone())));
         changes.reverse();
         Ok(changes)
     }
@@ -782,5 +790,69 @@ async fn ask_webhook(url: &WebhookUrl, prompt: &PromptView, deadline: Instant) -
     match tokio::time::timeout_at(deadline, asked).await {
         Ok(result) => result.map_err(Some),
         Err(_) => Err(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(dir: &Path) -> Settings {
+        Settings::defaults(&dir.join("gateway.toml"))
+    }
+
+    fn counter() -> IntCounterVec {
+        IntCounterVec::new(prometheus::Opts::new("t", "t"), &["app", "scope", "decision"]).unwrap()
+    }
+
+    #[test]
+    fn a_change_is_in_the_history_and_the_file_before_it_is_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = ScopeService::open(&settings(dir.path()), counter()).unwrap();
+        let key = ("wx".to_owned(), "u".to_owned(), "scope.userLocation".to_owned());
+        assert_eq!(service.set_consent(key.clone(), Consent::Denied, "prompt", "deny").unwrap(), Consent::NotAsked);
+        assert_eq!(service.set_consent(key.clone(), Consent::Denied, "prompt", "deny").unwrap(), Consent::Denied);
+        use std::os::unix::fs::PermissionsExt;
+        let file = dir.path().join("consent.json");
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        let reopened = ScopeService::open(&settings(dir.path()), counter()).unwrap();
+        assert_eq!(reopened.consent("wx", "u", "scope.userLocation"), Consent::Denied);
+        assert_eq!(reopened.consent("wx", "other", "scope.userLocation"), Consent::NotAsked);
+        service.set_consent(key, Consent::NotAsked, "setting", "ed").unwrap();
+        let history = service.history("wx", Some("u")).unwrap();
+        let seen: Vec<(Consent, Consent, &str)> =
+            history.iter().map(|c| (c.before, c.after, c.cause.as_str())).collect();
+        assert_eq!(
+            seen,
+            [(Consent::Denied, Consent::NotAsked, "setting"), (Consent::NotAsked, Consent::Denied, "prompt")]
+        );
+        assert_eq!(history_path(&file), dir.path().join("consent.history.jsonl"));
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), serde_json::json!({ "consents": [] }));
+    }
+
+    #[test]
+    fn a_consent_file_that_is_not_json_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("consent.json"), "{\"consents\": [").unwrap();
+        let err = ScopeService::open(&settings(dir.path()), counter()).err().unwrap();
+        assert!(err.to_string().contains("consent.json is not readable JSON"), "{err}");
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings(dir.path());
+        settings.consent_file = dir.path().join("missing-dir/consent.json");
+        let service = ScopeService {
+            history: AuditLog::at(dir.path().join("h.jsonl")),
+            ..ScopeService::open(&settings, counter()).unwrap()
+        };
+        let key = ("a".to_owned(), "u".to_owned(), "camera".to_owned());
+        assert!(service.set_consent(key, Consent::Granted, "setting", "ed").is_err());
+        assert_eq!(service.consent("a", "u", "camera"), Consent::NotAsked);
+        assert!(service.history("a", None).unwrap().is_empty(), "it did not happen");
+        let lines = std::fs::read_to_string(dir.path().join("h.jsonl")).unwrap();
+        assert!(lines.contains("\"outcome\":\"write_failed\""), "{lines}");
     }
 }
