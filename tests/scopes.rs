@@ -495,6 +495,18 @@ async fn consent_survives_reloads_and_restarts_and_goes_with_its_app() {
     assert_eq!(setting(admin, "wx", "alice", "scope.userLocation").await, "not_asked");
     let (_, history) = call(admin, "GET", "/v1/scopes/history?app=wx&user=alice", None, VIEWER).await;
     assert_eq!(history["changes"][0]["cause"], "app_deleted");
+    // the platform and the secret go through check's rules like every other field
+    let bad = r#"{"platform": "weixin", "secret": " padded"}"#;
+    let (_, headers, _) = admin_request(admin, "GET", "/v1/apps/wx", None, Some(VIEWER)).await;
+    let replace = format!(
+        "PUT /v1/apps/wx HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nAuthorization: Bearer {EDITOR}\r\nIf-Match: {}\r\nContent-Length: {}\r\n\r\n{bad}",
+        headers["etag"],
+        bad.len()
+    );
+    let answer = send_raw(admin, &replace).await;
+    let errors: Value = serde_json::from_slice(&answer.body).unwrap();
+    let paths: Vec<&str> = errors["errors"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!((answer.status, paths), (422, vec!["platform", "secret"]), "{errors}");
 }
 
 const APP_WX: &str = r#"{"platform": "wechat", "api_whitelist": ["getLocation"]}"#;
