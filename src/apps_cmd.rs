@@ -36,6 +36,7 @@ pub fn export(config_path: &Path, format: Format) -> Result<String, String> {
                 .into_iter()
                 .map(|mut doc| {
                     doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
+                    doc.has_secret = doc.secret.as_ref().is_some_and(Option::is_some);
                     doc
                 })
                 .collect();
@@ -106,12 +107,14 @@ pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, St
             Step::ReadOnly(..) => continue,
         };
         let current = match store.place(id).map_err(|e| e.to_string())? {
-            Place::Writable(stored) => Some(stored),
+            Place::Writable(stored) => Some(*stored),
             _ => None,
         };
         let doc = doc.map(|doc| {
             let mut doc = doc.clone();
-            doc.token = Some(doc.token_after(current.as_ref().map(|stored| &stored.doc)));
+            let current_doc = current.as_ref().map(|stored| &stored.doc);
+            doc.token = Some(doc.token_after(current_doc));
+            doc.secret = Some(doc.secret_after(current_doc));
             doc
         });
         if let Some(doc) = &doc

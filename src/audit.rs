@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::store::AppDoc;
@@ -101,6 +102,11 @@ impl AuditLog {
         AuditLog { path, append: Mutex::new(()), index: Mutex::new(None) }
     }
 
+    /// A log of its own at `path` (the consent history uses one).
+    pub fn at(path: PathBuf) -> AuditLog {
+        AuditLog { path, append: Mutex::new(()), index: Mutex::new(None) }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -124,6 +130,30 @@ impl AuditLog {
 
     /// Append `record` and sync it to disk.
     pub fn append(&self, record: &Record) -> std::io::Result<()> {
+        let (before, written) = self.append_line(record)?;
+        let mut index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match index.as_mut() {
+            // The index was of the file as it was just before this line: it stays current.
+            Some(current) if before == Some(current.file) => {
+                current.take(record.clone());
+                current.file.len += written;
+            }
+            _ => *index = None,
+        }
+        Ok(())
+    }
+
+    /// Append any record as one JSON line, and sync it to disk (a log of other records than
+    /// app changes: its history is read with [`AuditLog::read_all`]).
+    pub fn append_value(&self, record: &impl Serialize) -> std::io::Result<()> {
+        self.append_line(record)?;
+        *self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        Ok(())
+    }
+
+    /// Append `record` as one JSON line and sync it: the file as it was just before, and the
+    /// bytes written.
+    fn append_line(&self, record: &impl Serialize) -> std::io::Result<(Option<FileId>, u64)> {
         let _one_at_a_time = self.append.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() >= ROTATE_AT) {
             let next = u32::try_from(self.rotations().len()).unwrap_or(u32::MAX - 1) + 1;
@@ -142,16 +172,7 @@ impl AuditLog {
         if new_file {
             self.sync_dir()?; // a new file (after a rotation, too) is a change of the directory
         }
-        let mut index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match index.as_mut() {
-            // The index was of the file as it was just before this line: it stays current.
-            Some(current) if before == Some(current.file) => {
-                current.take(record.clone());
-                current.file.len += line.len() as u64;
-            }
-            _ => *index = None,
-        }
-        Ok(())
+        Ok((before, line.len() as u64))
     }
 
     /// The applied changes of `app`, newest first. A change is recorded `applied` before it is
@@ -187,6 +208,25 @@ impl AuditLog {
             }
         }
         Ok(index)
+    }
+
+    /// Every record of the log, the rotated files' first, oldest first. A line cut short by a
+    /// crash (or of another shape) is skipped, not fatal.
+    pub fn read_all<T: DeserializeOwned>(&self) -> std::io::Result<Vec<T>> {
+        let mut records = Vec::new();
+        for path in self.rotations().into_iter().chain([self.path.clone()]) {
+            let file = match std::fs::File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for line in std::io::BufReader::new(file).lines() {
+                if let Ok(record) = serde_json::from_str::<T>(&line?) {
+                    records.push(record);
+                }
+            }
+        }
+        Ok(records)
     }
 }
 

@@ -12,7 +12,9 @@
 //! through [`reload`], which validates a new snapshot beside the running one, swaps it in, and
 //! re-decides the open tunnels it may refuse. The proxy's refusals are kept per app in
 //! [`decisions`] and, with app changes and reloads, published on [`events`], which the admin
-//! listener streams to the web console it serves.
+//! listener streams to the web console it serves. The admin listener also serves [`scopes`]:
+//! the platforms' consent rules for device and user-data APIs, which miniapp containers ask
+//! about before such calls, with consent records that outlive reloads and restarts.
 
 pub mod access_log;
 pub mod admin;
@@ -27,6 +29,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod scopes;
 pub mod store;
 pub mod throttle;
 pub mod tls;

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub auth_failures_admin: IntCounter,
     /// `gateway_app_changes_total{action}`: app changes applied through the admin API.
     pub app_changes: IntCounterVec,
+    /// `gateway_scope_decisions_total{app,scope,decision}`: scope decisions (decide, authorize,
+    /// auth codes), by their outcome.
+    pub scope_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -107,7 +110,15 @@ impl Metrics {
             &["action"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 16] = [
+        let scope_decisions = IntCounterVec::new(
+            Opts::new(
+                "gateway_scope_decisions_total",
+                "Scope decisions (decide, authorize, auth codes), by app, scope and decision (allow, deny, prompt, report).",
+            ),
+            &["app", "scope", "decision"],
+        )
+        .expect("valid metric");
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(requests.clone()),
             Box::new(connections_active.clone()),
             Box::new(connections_max.clone()),
@@ -122,6 +133,7 @@ impl Metrics {
             Box::new(config_watcher_up.clone()),
             Box::new(auth_failures.clone()),
             Box::new(app_changes.clone()),
+            Box::new(scope_decisions.clone()),
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
@@ -147,6 +159,7 @@ impl Metrics {
             auth_failures_proxy: auth_failures.with_label_values(&["proxy"]),
             auth_failures_admin: auth_failures.with_label_values(&["admin"]),
             app_changes,
+            scope_decisions,
         }
     }
 

@@ -82,6 +82,9 @@ fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> 
     if running.dns != loaded.dns {
         changed.push("dns");
     }
+    if running.scopes.consent_file != loaded.scopes.consent_file {
+        changed.push("scopes.consent_file");
+    }
     changed
 }
 
@@ -210,6 +213,7 @@ impl Reloader {
         self.shared.live.store(snapshot.clone());
         let revoked = self.shared.tunnels.revoke_refused(&snapshot.config);
         current.counters.forget_apps_not_in(&snapshot.config.policy);
+        self.shared.scopes.forget_apps_not_in(&snapshot.config.policy);
         tracing::info!(?trigger, generation, apps, revoked, "config reloaded");
         self.shared.events.publish(None, "reload", || serde_json::json!({ "generation": generation, "apps": apps }));
         Ok(generation)

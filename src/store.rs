@@ -120,6 +120,16 @@ pub struct AppDoc {
     pub webview_domains: Vec<EntryDoc>,
     #[serde(default, with = "api_entries")]
     pub api_whitelist: Vec<EntryDoc>,
+    /// Whose consent rules apply: `mpaas` (absent), `wechat` or `superapp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// The secret the app's backend exchanges auth codes with. Never shown (`has_secret` is);
+    /// on a write, absent keeps the current one, `null` removes it, a string sets it.
+    #[serde(default, skip_serializing, deserialize_with = "some_or_null")]
+    pub secret: Option<Option<String>>,
+    /// Shown, not taken (`secret` decides).
+    #[serde(default)]
+    pub has_secret: bool,
     /// What a `GET` shows besides the app (its revision, the generation after a write): taken
     /// and ignored, so that an app read can be written back as it is.
     #[serde(default, rename = "revision", skip_serializing)]
@@ -134,6 +144,7 @@ impl PartialEq for AppDoc {
             == (&other.id, &other.name, &other.token, other.has_token, other.action)
             && (&self.server_domains, &self.webview_domains, &self.api_whitelist)
                 == (&other.server_domains, &other.webview_domains, &other.api_whitelist)
+            && (&self.platform, &self.secret, self.has_secret) == (&other.platform, &other.secret, other.has_secret)
     }
 }
 
@@ -159,7 +170,7 @@ pub enum Place {
     /// Not defined anywhere: a write may create it.
     Free,
     /// In a file of its own that the store writes.
-    Writable(Stored),
+    Writable(Box<Stored>),
     /// Somewhere the store does not write (the main config, a file with other apps).
     ReadOnly(PathBuf),
 }
@@ -325,6 +336,9 @@ impl AppDoc {
                 .flatten()
                 .map(|api| EntryDoc { value: api.get_ref().name.clone(), remark: api.get_ref().remark.clone() })
                 .collect(),
+            platform: raw.platform.as_ref().map(|platform| platform.get_ref().clone()),
+            secret: raw.secret.as_ref().map(|secret| Some(secret.get_ref().clone())),
+            has_secret: raw.secret.is_some(),
             ignored_revision: None,
             ignored_generation: None,
         }
@@ -335,6 +349,16 @@ impl AppDoc {
         match &self.token {
             Some(given) => given.clone(),
             None => current.and_then(|doc| doc.token.clone().flatten()),
+        }
+    }
+
+    /// The secret to write: the one given, or the current one when none was given. (A
+    /// rollback past a deletion has none to keep: the app then has no secret, and its auth
+    /// codes cannot be exchanged until one is set, which fails closed.)
+    pub fn secret_after(&self, current: Option<&AppDoc>) -> Option<String> {
+        match &self.secret {
+            Some(given) => given.clone(),
+            None => current.and_then(|doc| doc.secret.clone().flatten()),
         }
     }
 }
@@ -370,7 +394,7 @@ impl Store for FileStore {
                     {
                         let doc = AppDoc::from_raw(app);
                         let revision = revision_of(&text);
-                        return Ok(Place::Writable(Stored { doc, revision, text }));
+                        return Ok(Place::Writable(Box::new(Stored { doc, revision, text })));
                     }
                     return Ok(Place::ReadOnly(file));
                 }
@@ -422,6 +446,12 @@ impl Store for FileStore {
                 line(&mut text, value, &format!("{list}[{i}].{field}"));
             }
             line(&mut text, "]".to_owned(), list);
+        }
+        if let Some(platform) = &doc.platform {
+            line(&mut text, format!("platform = {}", quoted(platform)), "platform");
+        }
+        if let Some(Some(secret)) = &doc.secret {
+            line(&mut text, format!("secret = {}", quoted(secret)), "secret");
         }
         let body = &text[1..];
         let header = format!(
@@ -475,10 +505,9 @@ impl Store for FileStore {
         }
         self.append(record)?;
         let made = match &rendered.text {
-            None => std::fs::remove_file(&rendered.file),
-            Some(text) => replace_file(&rendered.file, text),
+            None => std::fs::remove_file(&rendered.file).and_then(|()| std::fs::File::open(dir)?.sync_all()),
+            Some(text) => write_atomically(&rendered.file, text.as_bytes()),
         };
-        let made = made.and_then(|()| std::fs::File::open(dir)?.sync_all());
         if let Err(e) = made {
             let _ = self.append(&Record {
                 outcome: "write_failed".to_owned(),
@@ -495,36 +524,10 @@ impl Store for FileStore {
         let _lock = lock_dir(rendered.file.parent().unwrap_or(Path::new(".")))?;
         self.append(record)?;
         match previous {
-            Some(stored) => replace_file(&rendered.file, &stored.text),
+            Some(stored) => write_atomically(&rendered.file, stored.text.as_bytes()),
             None => std::fs::remove_file(&rendered.file),
         }
     }
-}
-
-/// Make `text` the content of `file`, atomically: a new file beside it (not `*.toml`, so a
-/// reload never reads it half-written; a new name each time, created new, owner-only, as it may
-/// hold an app's proxy password), synced, then renamed over `file`. The caller syncs the
-/// directory.
-fn replace_file(file: &Path, text: &str) -> std::io::Result<()> {
-    let dir = file.parent().unwrap_or(Path::new("."));
-    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let mut nonce = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-        .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
-    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    let temp = dir.join(format!(".{name}.{nonce}{TEMP_SUFFIX}"));
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&temp)?;
-    let written = out.write_all(text.as_bytes()).and_then(|()| out.sync_all());
-    if let Err(e) = written.and_then(|()| rename(&temp, file)) {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e);
-    }
-    Ok(())
 }
 
 /// What a store's temporary files end with: a writer that died before its rename leaves one.
@@ -581,6 +584,31 @@ fn hand_edit(stored: &Stored, records: &[Record]) -> Option<Record> {
         before: last.and_then(|record| record.after.clone()),
         after: Some(after),
     })
+}
+
+/// Replace `file` with `bytes` so that a crash leaves the old content or the new, never a
+/// mix: a new owner-only (`0600`: it may hold secrets) file under a fresh temporary name
+/// in the same directory, synced, renamed over `file`, and the directory synced.
+pub fn write_atomically(file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut nonce = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| std::io::Error::other("no randomness for a temporary name"))?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let temp = dir.join(format!(".{name}.{nonce}{TEMP_SUFFIX}"));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&temp)?;
+    let written = out.write_all(bytes).and_then(|()| out.sync_all());
+    if let Err(e) = written.and_then(|()| rename(&temp, file)) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The `*.toml` files of `apps_dir`, in name order.
@@ -672,8 +700,13 @@ impl AppDoc {
         let mut b = incoming.clone();
         a.has_token = false;
         b.has_token = false;
+        a.has_secret = false;
+        b.has_secret = false;
         if b.token.is_none() {
             b.token = a.token.clone();
+        }
+        if b.secret.is_none() {
+            b.secret = a.secret.clone();
         }
         a == b
     }
@@ -705,6 +738,12 @@ impl AppDoc {
         }
         if self.token.is_some() && before.token != self.token {
             parts.push("token changed".to_owned());
+        }
+        if before.platform != self.platform {
+            parts.push(format!("platform {:?} -> {:?}", before.platform, self.platform));
+        }
+        if self.secret.is_some() && before.secret != self.secret {
+            parts.push("secret changed".to_owned());
         }
         parts.join("; ")
     }
@@ -762,7 +801,7 @@ mod tests {
 
     fn stored(store: &FileStore, id: &str) -> Stored {
         let Place::Writable(stored) = store.place(id).unwrap() else { panic!("{id} is not writable") };
-        stored
+        *stored
     }
 
     fn temporaries(dir: &Path) -> usize {
@@ -795,6 +834,9 @@ mod tests {
             ],
             webview_domains: vec![],
             api_whitelist: vec![EntryDoc { value: "shop.pay".into(), remark: Some("payments".into()) }],
+            platform: Some("wechat".into()),
+            secret: Some(Some("backend-secret".into())),
+            has_secret: false,
             ignored_revision: None,
             ignored_generation: None,
         }
@@ -808,6 +850,7 @@ mod tests {
         let stored = stored(&store, "shop");
         let mut expected = doc();
         expected.has_token = true;
+        expected.has_secret = true;
         assert_eq!((&stored.doc, stored.revision), (&expected, 7));
         assert_eq!(Some(&stored.text), rendered.text.as_ref());
         // every value on its own line, the remark with its newline escaped

@@ -137,6 +137,7 @@ async fn apps_are_listed_without_their_tokens() {
         demo,
         serde_json::json!({
             "id": "demo", "name": "Demo shop", "action": "enforce", "has_token": true, "revision": null,
+            "platform": "mpaas", "has_secret": false,
             "server_domains": [
                 {"domain": "api.shop.example", "remark": null},
                 {"domain": "img.shop.example:8443", "remark": "image CDN"}
@@ -316,8 +317,16 @@ async fn shipped_gateway() -> TestGateway {
             (file.file_name().to_string_lossy().into_owned(), std::fs::read_to_string(file.path()).unwrap())
         })
         .collect();
-    let apps: Vec<(&str, &str)> = apps.iter().map(|(name, text)| (name.as_str(), text.as_str())).collect();
-    TestGateway::start_with_apps(&shipped_config_on_port_0(), &apps).await
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    for (name, text) in &apps {
+        std::fs::write(dir.path().join("apps").join(name), text).unwrap();
+    }
+    let users = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/users.toml")).unwrap();
+    std::fs::write(dir.path().join("users.toml"), users).unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, shipped_config_on_port_0()).unwrap();
+    TestGateway::start_at(dir, path).await
 }
 
 #[tokio::test]

@@ -86,6 +86,8 @@ struct Contract {
     called: BTreeSet<(String, String)>,
     /// The statuses seen, by (template, method).
     seen: BTreeSet<(String, String, u16)>,
+    /// Whether the request being made has a body the document refuses.
+    malformed: bool,
 }
 
 impl Contract {
@@ -96,7 +98,8 @@ impl Contract {
             .clone();
         if let Some(body) = &body {
             let schema = &operation["requestBody"]["content"]["application/json"]["schema"];
-            fits(&self.doc, schema, body, "request").unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            // A body the document refuses must be refused by the gateway too (400 or 422).
+            self.malformed = fits(&self.doc, schema, body, "request").is_err();
         }
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         // The admin's token and the listener's address, unless the call names its own.
@@ -124,6 +127,13 @@ impl Contract {
                 .unwrap_or_else(|e| panic!("{method} {path} answered {status} without JSON: {e}"));
             fits(&self.doc, schema, &value, "answer").unwrap_or_else(|e| panic!("{method} {path} ({status}): {e}"));
         }
+        if std::mem::take(&mut self.malformed) {
+            assert!(
+                matches!(answer.status, 400 | 422),
+                "{method} {path}: a body the document refuses was answered {}",
+                answer.status
+            );
+        }
         self.called.insert((template.to_owned(), method.to_lowercase()));
         self.seen.insert((template.to_owned(), method.to_lowercase(), answer.status));
         answer.status
@@ -138,20 +148,28 @@ async fn every_route_answers_as_the_openapi_document_says() {
     let origin = Origin::start(&["api.shop.example"]).await;
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"{ROOT}\"\n\n\
-         [policy]\napps_dir = \"apps\"\n\n[resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\n\n\
+         [policy]\napps_dir = \"apps\"\n\n[scopes]\nusers = \"users.toml\"\n\n\
+         [resolve]\n\"api.shop.example\" = \"{}\"\n\n[[app]]\nid = \"main\"\nplatform = \"superapp\"\n\
+         secret = \"main-secret\"\napi_whitelist = [\"scan\"]\n\n\
          [[admin_user]]\nname = \"vera\"\nrole = \"viewer\"\ntoken_sha256 = \"{}\"\n",
         origin.addr,
         token_hash(VIEWER)
     );
     let shop = "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n";
-    let gw = TestGateway::start_with_apps(&text, &[("shop.toml", shop)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    std::fs::write(dir.path().join("apps/shop.toml"), shop).unwrap();
+    std::fs::write(dir.path().join("users.toml"), "[[user]]\nid = \"alice\"\nnickname = \"Al\"\n").unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    let gw = TestGateway::start_at(dir, path).await;
 
     let (status, _, served) = admin_request(gw.admin(), "GET", "/v1/openapi.json", None, Some(ROOT)).await;
     assert_eq!(status, 200);
     let doc: Value = serde_json::from_slice(&served).unwrap();
     let committed: Value = serde_json::from_str(include_str!("../src/admin/openapi.json")).unwrap();
     assert_eq!(doc, committed, "the served document is the committed one");
-    let mut api = Contract { doc, admin: gw.admin(), called: BTreeSet::new(), seen: BTreeSet::new() };
+    let mut api = Contract { doc, admin: gw.admin(), called: BTreeSet::new(), seen: BTreeSet::new(), malformed: false };
 
     let app = "/v1/apps/{id}";
     let list = "/v1/apps/{id}/{list}";
@@ -205,6 +223,70 @@ async fn every_route_answers_as_the_openapi_document_says() {
     assert_eq!(api.call("GET", decisions, "/v1/apps/shop/decisions", "", None).await, 200);
     assert_eq!(api.call("GET", decisions, "/v1/apps/ghost/decisions", "", None).await, 404);
     assert_eq!(api.call("GET", "/v1/events", "/v1/events?app=shop", "", None).await, 200);
+
+    let decide = "/v1/scopes/decide";
+    let open = json!({"app": "main", "user": "u", "api": "scan", "wait": false});
+    assert_eq!(api.call("POST", decide, decide, "", Some(open)).await, 200);
+    assert_eq!(
+        api.call("POST", decide, decide, "", Some(json!({"app": "ghost", "user": "u", "api": "scan"}))).await,
+        404
+    );
+    assert_eq!(api.call("POST", decide, decide, "", Some(json!({"app": "main", "user": "u"}))).await, 400);
+    let prompts = "/v1/scopes/prompts";
+    assert_eq!(api.call("GET", prompts, "/v1/scopes/prompts?app=main", "", None).await, 200);
+    let (_, _, listed) = admin_request(gw.admin(), "GET", prompts, None, Some(ROOT)).await;
+    let listed: Value = serde_json::from_slice(&listed).unwrap();
+    let answer = format!("/v1/scopes/prompts/{}", listed["prompts"][0]["id"].as_str().unwrap());
+    let template = "/v1/scopes/prompts/{prompt}";
+    assert_eq!(api.call("POST", template, &answer, "", Some(json!({"answer": "allow"}))).await, 200);
+    assert_eq!(api.call("POST", template, &answer, "", Some(json!({"answer": "allow"}))).await, 404);
+    let authorize = "/v1/scopes/authorize";
+    let scope = |scope: &str| json!({"app": "main", "user": "u", "scope": scope});
+    assert_eq!(api.call("POST", authorize, authorize, "", Some(scope("camera"))).await, 200);
+    assert_eq!(api.call("POST", authorize, authorize, "", Some(scope("nope"))).await, 422);
+    assert_eq!(
+        api.call("POST", authorize, authorize, "", Some(json!({"app": "ghost", "user": "u", "scope": "camera"}))).await,
+        404
+    );
+    assert_eq!(api.call("POST", authorize, authorize, "", Some(json!({"app": "main", "user": "u"}))).await, 400);
+    let settings = "/v1/scopes/settings";
+    assert_eq!(api.call("GET", settings, "/v1/scopes/settings?app=main&user=u", "", None).await, 200);
+    assert_eq!(api.call("GET", settings, "/v1/scopes/settings?app=main", "", None).await, 400);
+    assert_eq!(api.call("GET", settings, "/v1/scopes/settings?app=ghost&user=u", "", None).await, 404);
+    let change = |app: &str, scope: &str| json!({"app": app, "user": "u", "scope": scope, "state": "denied"});
+    assert_eq!(api.call("PUT", settings, settings, "", Some(change("main", "camera"))).await, 200);
+    assert_eq!(api.call("PUT", settings, settings, "", Some(change("main", "auth_base"))).await, 422);
+    assert_eq!(api.call("PUT", settings, settings, "", Some(change("ghost", "camera"))).await, 404);
+    assert_eq!(
+        api.call(
+            "PUT",
+            settings,
+            settings,
+            "",
+            Some(json!({"app": "main", "user": "", "scope": "camera", "state": "denied"}))
+        )
+        .await,
+        400
+    );
+    let history = "/v1/scopes/history";
+    assert_eq!(api.call("GET", history, "/v1/scopes/history?app=main&user=u", "", None).await, 200);
+    assert_eq!(api.call("GET", history, history, "", None).await, 400);
+    let codes = "/v1/auth-codes";
+    let ask = |user: &str, scope: &str| json!({"app": "main", "user": user, "scopes": [scope]});
+    assert_eq!(api.call("POST", codes, codes, "", Some(ask("alice", "auth_base"))).await, 200);
+    assert_eq!(api.call("POST", codes, codes, "", Some(ask("carol", "auth_base"))).await, 404);
+    assert_eq!(api.call("POST", codes, codes, "", Some(ask("alice", "camera"))).await, 422);
+    assert_eq!(api.call("POST", codes, codes, "", Some(json!({"app": "main", "user": "alice"}))).await, 400);
+    let no_wait = json!({"app": "main", "user": "alice", "scopes": ["USER_NICKNAME"], "wait": false});
+    assert_eq!(api.call("POST", codes, codes, "", Some(no_wait)).await, 200);
+    let (_, _, issued) =
+        admin_request(gw.admin(), "POST", codes, Some(&ask("alice", "auth_base").to_string()), Some(ROOT)).await;
+    let code: Value = serde_json::from_slice::<Value>(&issued).unwrap()["code"].clone();
+    let exchange = "/v1/auth-codes/exchange";
+    let with = |secret: &str| json!({"app": "main", "secret": secret, "code": code});
+    assert_eq!(api.call("POST", exchange, exchange, "", Some(with("wrong"))).await, 401);
+    assert_eq!(api.call("POST", exchange, exchange, "", Some(with("main-secret"))).await, 200);
+    assert_eq!(api.call("POST", exchange, exchange, "", Some(with("main-secret"))).await, 400);
 
     // Who may: no token, a viewer's write, a Host that is not the listener's.
     let viewer = format!("Authorization: Bearer {VIEWER}\r\n");

@@ -127,7 +127,11 @@ pub(crate) fn history(reloader: &Reloader, id: &str) -> Response<Body> {
         return error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
     }
     match store(reloader).history(id) {
-        Ok(records) => json_response(StatusCode::OK, &json!({ "revisions": records })),
+        Ok(records) => {
+            // Consent changes are kept apart (they are the users', not the app's), and linked here.
+            let consents = format!("/v1/scopes/history?app={id}");
+            json_response(StatusCode::OK, &json!({ "revisions": records, "consent_history": consents }))
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app's history: {e}")),
     }
 }
@@ -317,6 +321,7 @@ fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<
         Change::Replace(mut doc) => {
             doc.id = id.to_owned();
             doc.token = Some(doc.token_after(current));
+            doc.secret = Some(doc.secret_after(current));
             Ok(Some(doc))
         }
         Change::Delete => current.map(|_| None).ok_or_else(missing),
@@ -326,6 +331,8 @@ fn changed(id: &str, current: Option<&AppDoc>, change: Change) -> Result<Option<
             doc.id = id.to_owned();
             doc.token = None; // a record holds no token: the current one stays
             doc.token = Some(doc.token_after(current));
+            doc.secret = None; // nor a secret
+            doc.secret = Some(doc.secret_after(current));
             Ok(Some(doc))
         }
         Change::Action(action) => {
@@ -414,7 +421,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     let store = store(reloader);
     let store = store.as_ref();
     let current = match store.place(id) {
-        Ok(Place::Writable(stored)) => Some(stored),
+        Ok(Place::Writable(stored)) => Some(*stored),
         Ok(Place::Free) => None,
         Ok(Place::ReadOnly(file)) => return read_only(id, &file),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app: {e}")),
@@ -480,6 +487,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     }
     let shown = doc.map(|mut doc| {
         doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
+        doc.has_secret = doc.secret.as_ref().is_some_and(Option::is_some);
         Stored { doc, revision: next, text: String::new() }
     });
     if dry_run {

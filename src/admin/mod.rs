@@ -5,7 +5,9 @@
 //! secrets), and so are the console's static files (`/`, `/console/…`: the page signs in with
 //! a token it then sends to the API); with `admin_token` or `[[admin_user]]`s set, every
 //! other path needs `Authorization: Bearer <token>` of a user whose role allows it (viewer:
-//! read, check, decisions and events; editor: and change apps; admin: and reload, roll back).
+//! read, check, decisions and events, and a miniapp container's scope calls; editor: and
+//! change apps, answer prompts, change consent settings; admin: and reload, roll back). The
+//! auth code exchange authenticates with the app's secret instead (see `scopes.rs`).
 //! It keeps answering while the proxy drains on shutdown, so `/readyz` can say 503.
 //!
 //! It is bounded like the proxy: at most [`MAX_CONNECTIONS`] connections (more are closed at
@@ -18,6 +20,7 @@
 mod apps;
 mod console;
 mod events;
+mod scopes;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -164,6 +167,10 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     {
         return page;
     }
+    // The app backend's call: it authenticates with the app's secret, not a bearer token.
+    if (&method, path.as_str()) == (&Method::POST, "/v1/auth-codes/exchange") {
+        return scopes::exchange(req, &shared.scopes, &snapshot.config, caller).await;
+    }
     let user = match authenticate(&req, &snapshot.config.server.admin_users, caller, shared) {
         Ok(user) => user,
         Err(refusal) => return refusal,
@@ -172,6 +179,11 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         (&Method::POST, "/-/reload") => Role::Admin,
         (&Method::POST, p) if p.starts_with("/v1/apps/") && p.ends_with("/rollback") => Role::Admin,
         (&Method::GET, _) | (&Method::POST, "/v1/check") => Role::Viewer,
+        // A container's calls: they record only what the configured prompter answers.
+        (&Method::POST, "/v1/scopes/decide" | "/v1/scopes/authorize" | "/v1/auth-codes") => Role::Viewer,
+        // Stating the user's answer: openSetting, a rig answering a prompt.
+        (&Method::PUT, "/v1/scopes/settings") => Role::Editor,
+        (&Method::POST, p) if p.starts_with("/v1/scopes/prompts/") => Role::Editor,
         (_, p) if p.starts_with("/v1/apps/") => Role::Editor,
         // Anything not named above (a route added later, a method nobody serves) is closed
         // to all but admins until it is.
@@ -252,6 +264,21 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             apps::write(req, shared, reloader, &caller.state.writes, &who, &id, &rest).await
         }
         (&Method::POST, "/v1/check") => check(req, policy, reloader).await,
+        (&Method::POST, "/v1/scopes/decide") => scopes::decide(req, &shared.scopes, &snapshot.config).await,
+        (&Method::POST, "/v1/scopes/authorize") => scopes::authorize(req, &shared.scopes, &snapshot.config).await,
+        (&Method::GET, "/v1/scopes/settings") => scopes::settings(&req, &shared.scopes, &snapshot.config),
+        (&Method::PUT, "/v1/scopes/settings") => {
+            let who = user.map_or("anonymous", |u| u.name.as_str());
+            scopes::change_setting(req, &shared.scopes, &snapshot.config, who).await
+        }
+        (&Method::GET, "/v1/scopes/prompts") => scopes::prompts(&req, &shared.scopes),
+        (&Method::POST, p) if p.starts_with("/v1/scopes/prompts/") => {
+            let id = p["/v1/scopes/prompts/".len()..].to_owned();
+            let who = user.map_or("anonymous", |u| u.name.as_str());
+            scopes::answer(req, &shared.scopes, &id, who).await
+        }
+        (&Method::GET, "/v1/scopes/history") => scopes::history(&req, &shared.scopes),
+        (&Method::POST, "/v1/auth-codes") => scopes::issue_code(req, &shared.scopes, &snapshot.config).await,
         (&Method::GET, "/v1/openapi.json") => respond(StatusCode::OK, "application/json", OPENAPI.as_bytes().to_vec()),
         (&Method::GET, "/proxy.pac") => {
             let proxy = pac_proxy(&req, &shared.proxy_addr, caller.local.ip());
@@ -261,11 +288,20 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             );
             respond(StatusCode::OK, "application/x-ns-proxy-autoconfig", pac.into_bytes())
         }
-        (_, "/-/reload" | "/v1/check") => method_not_allowed(&method, "POST"),
+        (
+            _,
+            "/-/reload"
+            | "/v1/check"
+            | "/v1/scopes/decide"
+            | "/v1/scopes/authorize"
+            | "/v1/auth-codes"
+            | "/v1/auth-codes/exchange",
+        ) => method_not_allowed(&method, "POST"),
+        (_, "/v1/scopes/settings") => method_not_allowed(&method, "GET, PUT"),
         (
             _,
             "/v1/apps" | "/v1/openapi.json" | "/v1/events" | "/v1/me" | "/proxy.pac" | "/metrics" | "/healthz"
-            | "/readyz",
+            | "/readyz" | "/v1/scopes/prompts" | "/v1/scopes/history",
         ) => method_not_allowed(&method, "GET"),
         _ => error(StatusCode::NOT_FOUND, &format!("no admin path {path}")),
     }
@@ -507,6 +543,8 @@ struct AppView<'a> {
     server_domains: Vec<EntryView>,
     webview_domains: Vec<EntryView>,
     api_whitelist: Vec<ApiView<'a>>,
+    platform: &'static str,
+    has_secret: bool,
 }
 
 #[derive(Serialize)]
@@ -542,6 +580,8 @@ impl<'a> AppView<'a> {
                 .iter()
                 .map(|(api, remark)| ApiView { api, remark: remark.as_deref() })
                 .collect(),
+            platform: app.platform.as_str(),
+            has_secret: app.secret.is_some(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// `[dns]`: read at start only (the resolver lives as long as the gateway).
     pub dns: Dns,
+    /// `[scopes]`: consent prompts, auth codes and the platforms' rules.
+    pub scopes: crate::scopes::Settings,
     pub policy: Policy,
 }
 

@@ -34,6 +34,54 @@ pub struct RawConfig {
     pub app: Vec<RawApp>,
     #[serde(default)]
     pub admin_user: Vec<RawAdminUser>,
+    #[serde(default)]
+    pub scopes: RawScopes,
+}
+
+/// `[scopes]`: who answers consent prompts, and the platforms' rules extended.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawScopes {
+    pub prompter: Option<Spanned<String>>,
+    pub webhook_url: Option<Spanned<String>>,
+    pub prompt_timeout: Option<Spanned<HumanDuration>>,
+    pub code_ttl: Option<Spanned<HumanDuration>>,
+    pub users: Option<Spanned<String>>,
+    pub consent_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub scope: Vec<RawScopeExtension>,
+}
+
+/// `[[scopes.scope]]`: a scope added to a platform, or more APIs and another prompt for one.
+#[derive(Debug, Deserialize)]
+pub struct RawScopeExtension {
+    pub platform: Spanned<String>,
+    pub scope: Spanned<String>,
+    pub apis: Option<Vec<Spanned<String>>>,
+    pub title: Option<String>,
+    pub text: Option<String>,
+    pub fields: Option<Vec<Spanned<String>>>,
+    pub device: Option<bool>,
+}
+
+/// The user directory (`[scopes].users`): `[[user]]` tables.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawUsersFile {
+    #[serde(default)]
+    pub user: Vec<RawUser>,
+}
+
+/// One user of the directory: what auth codes release, field by field.
+#[derive(Debug, Deserialize)]
+pub struct RawUser {
+    pub id: Spanned<String>,
+    pub nickname: Option<String>,
+    pub name: Option<String>,
+    pub login_id: Option<String>,
+    pub avatar: Option<String>,
+    pub gender: Option<String>,
+    pub birthday: Option<String>,
+    pub nationality: Option<String>,
+    pub contact_info: Option<String>,
 }
 
 /// `[[admin_user]]`: a named user of the admin API.
@@ -114,6 +162,8 @@ pub struct RawApp {
     pub server_domains: Option<SpannedList<RawEntry>>,
     pub webview_domains: Option<SpannedList<RawEntry>>,
     pub api_whitelist: Option<Vec<Spanned<RawApi>>>,
+    pub platform: Option<Spanned<String>>,
+    pub secret: Option<Spanned<String>>,
 }
 
 /// A whitelist entry: `"api.shop.example"` or `{ domain = "…", remark = "…" }`.

@@ -11,13 +11,17 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
-use super::schema::{HumanDuration, RawApi, RawApp, RawAppsFile, RawConfig, RawEntry, RawTls, SpannedList};
+use super::schema::{
+    HumanDuration, RawApi, RawApp, RawAppsFile, RawConfig, RawEntry, RawScopes, RawTls, RawUsersFile, SpannedList,
+};
 use super::{
     AdminUser, Binding, Config, ConfigError, ConfigErrors, Dns, Limits, ListenerSpec, Role, Server, TlsSettings,
 };
 use crate::policy::{
     self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
 };
+use crate::scopes::rules::{Platform, ScopeExtension, UserField};
+use crate::scopes::{Prompter, Settings as ScopeSettings, UserDirectory, WebhookUrl};
 use crate::tls::{self, TlsFile};
 
 /// How long a remark may be, in characters (the mini-program consoles' limit).
@@ -427,6 +431,7 @@ impl Validator {
 
         let resolve = self.resolve(main, &raw);
         let dns = self.dns(main, &raw);
+        let scopes = self.scopes(main, &raw.scopes);
         let mut apps: Vec<(usize, Arc<App>, Range<usize>)> = Vec::with_capacity(inputs.len());
         let mut seen: HashMap<String, Origin> = HashMap::with_capacity(inputs.len());
         for input in inputs {
@@ -519,6 +524,7 @@ impl Validator {
             verify_tls,
             tls,
             dns,
+            scopes,
             policy: Policy::new(apps.iter().map(|(_, app, _)| app.clone()), rules),
         };
         (config, apps)
@@ -551,6 +557,124 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// `[scopes]`: the prompter, the timeouts, the user directory (read now, so `check` and a
+    /// reload report its errors with their positions) and the operator's scope extensions.
+    fn scopes(&mut self, main: usize, raw: &RawScopes) -> ScopeSettings {
+        let path = self.sources[main].path.clone();
+        let mut settings = ScopeSettings::defaults(&path);
+        let webhook = raw.webhook_url.as_ref().and_then(|url| match WebhookUrl::parse(url.get_ref()) {
+            Ok(parsed) => Some(parsed),
+            Err(message) => {
+                self.error(main, url.span(), message);
+                None
+            }
+        });
+        if let Some(prompter) = &raw.prompter {
+            settings.prompter = match prompter.get_ref().as_str() {
+                "allow" => Prompter::Allow,
+                "deny" => Prompter::Deny,
+                "pending" => Prompter::Pending,
+                "webhook" => match (webhook, &raw.webhook_url) {
+                    (Some(url), _) => Prompter::Webhook(url),
+                    (None, Some(_)) => Prompter::Pending, // its error is reported above
+                    (None, None) => {
+                        self.error(main, prompter.span(), "prompter = \"webhook\" needs a webhook_url");
+                        Prompter::Pending
+                    }
+                },
+                _ => {
+                    self.error(main, prompter.span(), "prompter must be allow, deny, pending or webhook");
+                    Prompter::Pending
+                }
+            };
+        }
+        for (key, value, target) in [
+            ("prompt_timeout", raw.prompt_timeout.as_ref(), &mut settings.prompt_timeout),
+            ("code_ttl", raw.code_ttl.as_ref(), &mut settings.code_ttl),
+        ] {
+            *target = self.duration(main, value, key, *target);
+        }
+        if let Some(file) = &raw.consent_file {
+            settings.consent_file = resolve_relative(&path, file.get_ref());
+        }
+        if let Some(users) = &raw.users {
+            settings.users = std::sync::Arc::new(self.users(main, users));
+        }
+        let mut profiles = crate::scopes::rules::Profiles::default();
+        for ext in &raw.scope {
+            let Some(platform) = Platform::parse(ext.platform.get_ref()) else {
+                self.error(main, ext.platform.span(), "platform must be mpaas, wechat or superapp");
+                continue;
+            };
+            let mut fields = Vec::new();
+            for field in ext.fields.iter().flatten() {
+                match UserField::parse(field.get_ref()) {
+                    Some(parsed) => fields.push(parsed),
+                    None => {
+                        let names: Vec<&str> = UserField::ALL.iter().map(|f| f.as_str()).collect();
+                        let message =
+                            format!("unknown user field {:?}; the fields are {}", field.get_ref(), names.join(", "));
+                        self.error(main, field.span(), message);
+                    }
+                }
+            }
+            let extension = ScopeExtension {
+                platform,
+                scope: ext.scope.get_ref().clone(),
+                apis: ext.apis.iter().flatten().map(|api| api.get_ref().clone()).collect(),
+                title: ext.title.clone(),
+                text: ext.text.clone(),
+                fields,
+                device: ext.device,
+            };
+            if let Err(e) = profiles.get_mut(platform).extend(&extension) {
+                self.error(main, ext.scope.span(), format!("[[scopes.scope]] {:?}: {e}", ext.scope.get_ref()));
+            }
+        }
+        settings.profiles = std::sync::Arc::new(profiles);
+        settings
+    }
+
+    /// The user directory named by `[scopes].users`.
+    fn users(&mut self, main: usize, file: &Spanned<String>) -> UserDirectory {
+        let path = resolve_relative(&self.sources[main].path, file.get_ref());
+        self.other_files.push(path.clone());
+        let mut directory = UserDirectory::default();
+        let text = match super::read_settled(&path) {
+            Ok(text) => text,
+            Err(e) => {
+                self.unreadable(main, file.span(), format!("cannot read the user directory {}: {e}", path.display()));
+                return directory;
+            }
+        };
+        let source = self.add_source(path, text);
+        let Some(parsed) = self.parse::<RawUsersFile>(source) else { return directory };
+        for user in parsed.user {
+            let id = user.id.get_ref();
+            if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+                self.error(source, user.id.span(), "a user id is 1 to 128 characters, without control characters");
+                continue;
+            }
+            let fields = [
+                (UserField::Nickname, user.nickname),
+                (UserField::Name, user.name),
+                (UserField::LoginId, user.login_id),
+                (UserField::Avatar, user.avatar),
+                (UserField::Gender, user.gender),
+                (UserField::Birthday, user.birthday),
+                (UserField::Nationality, user.nationality),
+                (UserField::ContactInfo, user.contact_info),
+            ]
+            .into_iter()
+            .filter_map(|(field, value)| value.map(|value| (field, value)))
+            .collect();
+            if !directory.insert(id.clone(), fields) {
+                self.error(source, user.id.span(), format!("duplicate user id {id:?}"));
+            }
+        }
+        directory
     }
 
     fn server(&mut self, main: usize, raw: &RawConfig) -> Server {
@@ -765,6 +889,20 @@ impl Validator {
                 api_entries.push((name.as_str().into(), remark.as_deref().map(Into::into)));
             }
         }
+        let platform = raw.platform.as_ref().map_or(Platform::default(), |platform| {
+            Platform::parse(platform.get_ref()).unwrap_or_else(|| {
+                self.error(source, platform.span(), "platform must be mpaas, wechat or superapp");
+                Platform::default()
+            })
+        });
+        let secret = raw.secret.as_ref().map(|secret| {
+            let text = secret.get_ref();
+            if text.is_empty() || text.trim() != text {
+                let message = "secret must not be empty or begin or end with whitespace (remove it: no auth codes)";
+                self.error(source, secret.span(), message);
+            }
+            text.as_str().into()
+        });
         valid_id.then(|| App {
             id: id.as_str().into(),
             name: raw.name.clone(),
@@ -774,6 +912,8 @@ impl Validator {
             webview_domains,
             api_whitelist,
             api_entries,
+            platform,
+            secret,
         })
     }
 
@@ -901,6 +1041,69 @@ mod tests {
             Ok(_) => vec![],
             Err(e) => e.0.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn scopes_settings_are_checked_where_they_are() {
+        let text = "[scopes]\nprompter = \"ask\"\nprompt_timeout = \"0s\"\nwebhook_url = \"https://hook.example/p\"\n\n\
+                    [[scopes.scope]]\nplatform = \"alipay\"\nscope = \"camera\"\n\n\
+                    [[scopes.scope]]\nplatform = \"mpaas\"\nscope = \"album\"\napis = [\"scan\"]\n\n\
+                    [[scopes.scope]]\nplatform = \"superapp\"\nscope = \"USER_PHONE\"\nfields = [\"phone\"]\n\n\
+                    [[app]]\nid = \"a\"\nplatform = \"weixin\"\nsecret = \"\"\n";
+        assert_eq!(
+            errors(text),
+            [
+                "gw.toml:2:12: prompter must be allow, deny, pending or webhook",
+                "gw.toml:3:18: prompt_timeout must be longer than zero",
+                "gw.toml:4:15: webhook_url must be an http:// URL (no TLS to the host's dialog), not \"https://hook.example/p\"",
+                "gw.toml:7:12: platform must be mpaas, wechat or superapp",
+                r#"gw.toml:12:9: [[scopes.scope]] "album": API "scan" is already covered by scope "camera" of mpaas; an API needs one scope"#,
+                r#"gw.toml:17:9: [[scopes.scope]] "USER_PHONE": a new scope needs apis (a device scope) or fields (a user-information scope)"#,
+                r#"gw.toml:18:11: unknown user field "phone"; the fields are user_id, nickname, name, login_id, hash_login_id, avatar, gender, birthday, nationality, contact_info"#,
+                "gw.toml:22:12: platform must be mpaas, wechat or superapp",
+                "gw.toml:23:10: secret must not be empty or begin or end with whitespace (remove it: no auth codes)",
+            ]
+        );
+        assert_eq!(
+            errors("[scopes]\nprompter = \"webhook\"\n"),
+            ["gw.toml:2:12: prompter = \"webhook\" needs a webhook_url"]
+        );
+        assert_eq!(
+            errors(
+                "[scopes]\nconsent = \"x\"\n\n[[scopes.scope]]\nplatform = \"mpaas\"\nscope = \"camera\"\ntitel = \"t\"\n"
+            ),
+            ["gw.toml:2:1: unknown field `consent` in scopes", "gw.toml:7:1: unknown field `titel` in scopes.scope[0]"]
+        );
+    }
+
+    #[test]
+    fn the_user_directory_is_read_and_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gateway.toml");
+        std::fs::write(&main, "[scopes]\nusers = \"users.toml\"\nprompter = \"webhook\"\nwebhook_url = \"http://127.0.0.1:7000/prompt?x=1\"\n").unwrap();
+        let missing = load(&main, &mut AppsCache::default()).unwrap_err();
+        assert!(
+            missing.0[0].unreadable && missing.0[0].message.starts_with("cannot read the user directory"),
+            "{missing}"
+        );
+        let users = dir.path().join("users.toml");
+        std::fs::write(&users, "[[user]]\nid = \"u1\"\nnick = \"x\"\n\n[[user]]\nid = \"u1\"\n").unwrap();
+        let err = load(&main, &mut AppsCache::default()).unwrap_err().to_string();
+        assert!(err.contains("users.toml:3:1: unknown field `nick` in user[0]"), "{err}");
+        std::fs::write(&users, "[[user]]\nid = \"u1\"\nnickname = \"x\"\n\n[[user]]\nid = \"u1\"\n").unwrap();
+        let err = load(&main, &mut AppsCache::default()).unwrap_err().to_string();
+        assert!(err.ends_with("users.toml:6:6: duplicate user id \"u1\""), "{err}");
+        std::fs::write(&users, "[[user]]\nid = \"u1\"\nnickname = \"x\"\nlogin_id = \"l\"\n").unwrap();
+        let config = load(&main, &mut AppsCache::default()).unwrap();
+        let directory = &config.scopes.users;
+        assert_eq!(directory.field("u1", UserField::Nickname).as_deref(), Some("x"));
+        assert_eq!(directory.field("u1", UserField::UserId).as_deref(), Some("u1"));
+        assert_eq!(directory.field("u1", UserField::Name), None);
+        assert_eq!(directory.field("u2", UserField::UserId), None);
+        assert!(config.other_files.contains(&users), "a change to it is noticed and reloaded");
+        let Prompter::Webhook(url) = &config.scopes.prompter else { panic!("{:?}", config.scopes.prompter) };
+        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("127.0.0.1", 7000, "/prompt?x=1"));
+        assert_eq!(config.scopes.consent_file, dir.path().join("consent.json"));
     }
 
     #[test]

@@ -330,6 +330,10 @@ pub struct App {
     pub api_whitelist: HashSet<Box<str>>,
     /// The `api_whitelist` entries in the config's order, with their remarks (for views).
     pub api_entries: Vec<(Box<str>, Option<Box<str>>)>,
+    /// Whose consent rules apply to its scopes.
+    pub platform: crate::scopes::rules::Platform,
+    /// What its backend presents to exchange an auth code.
+    pub secret: Option<Box<str>>,
 }
 
 impl App {

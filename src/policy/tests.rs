@@ -18,6 +18,8 @@ fn app(id: &str, action: Action, server: &[&str], webview: &[&str]) -> App {
         webview_domains: list(webview),
         api_whitelist: HashSet::new(),
         api_entries: Vec::new(),
+        platform: crate::scopes::rules::Platform::Mpaas,
+        secret: None,
     }
 }
 

@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     pub decisions: RecentDecisions,
     /// Refusals, app changes and reloads as they happen (`GET /v1/events`).
     pub events: Events,
+    /// Consent records, prompts and auth codes: kept across reloads.
+    pub scopes: Arc<crate::scopes::service::ScopeService>,
     /// The bound address of `server.listen` (what the PAC file names).
     pub proxy_addr: SocketAddr,
     /// Whether the admin listener runs (a reload may not remove its token then).
@@ -153,6 +155,9 @@ impl Gateway {
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let resolver = Resolver::new(&config.dns, config.limits.connect_timeout)
             .map_err(|e| io::Error::other(format!("cannot set up DNS ([dns] or /etc/resolv.conf): {e}")))?;
+        let scopes = crate::scopes::service::ScopeService::open(&config.scopes, metrics.scope_decisions.clone())?;
+        // Apps deleted while the gateway was down take their consent records with them.
+        scopes.forget_apps_not_in(&config.policy);
         let snapshot = Snapshot::new(config, &metrics);
         crate::reload::publish(&metrics, &snapshot);
         let shared = Arc::new(Shared {
@@ -168,6 +173,7 @@ impl Gateway {
             auth_throttle: AuthThrottle::default(),
             decisions: RecentDecisions::default(),
             events: Events::default(),
+            scopes: Arc::new(scopes),
             proxy_addr,
             admin_running: admin.is_some(),
             tls_running: listeners.iter().any(|(_, spec)| spec.tls),
