@@ -36,8 +36,12 @@ async fn schemathesis_finds_nothing_the_document_does_not_allow() {
     let gw = TestGateway::start_with_apps(&text, &[("demo.toml", demo)]).await;
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml");
     let schema = format!("http://{}/v1/openapi.json", gw.admin());
+    // Schemathesis keeps a cache in its working directory: a scratch one, not the repository.
+    let scratch = tempfile::tempdir().unwrap();
+    let cwd = scratch.path().to_path_buf();
     let run = tokio::task::spawn_blocking(move || {
         Command::new("st")
+            .current_dir(cwd)
             .args(["--no-color", "--config-file", config, "run", &schema])
             .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
             .args(["--checks", "all", "--max-examples", "25", "--seed", "1", "--request-timeout", "10"])
