@@ -26,6 +26,7 @@ pub mod events;
 pub mod identity;
 pub mod learn;
 pub mod metrics;
+pub mod pg;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

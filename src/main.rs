@@ -2,7 +2,7 @@
 //! run, check or explain. Everything else lives in the library.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -88,6 +88,11 @@ enum Command {
         #[command(subcommand)]
         action: AppsAction,
     },
+    /// The PostgreSQL store ([store] backend = "postgres").
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Make a new admin API token, and the [[admin_user]] entry that admits it (only the
     /// token's SHA-256 goes in the config).
     Token {
@@ -116,6 +121,16 @@ enum Command {
         /// certificate the old one signed.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreAction {
+    /// Bring the database's schema up to this binary's (once, however many replicas run it at
+    /// the same time); refuse a schema newer than this binary knows.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -152,6 +167,51 @@ enum AppsAction {
         #[arg(long)]
         prune: bool,
     },
+}
+
+/// `store migrate`: connect with the config's `[store]` settings and migrate the schema.
+fn store_migrate(path: &Path) -> ExitCode {
+    let settings = match config::load(path) {
+        Ok(config) => match config.store {
+            config::StoreSettings::Postgres(settings) => settings,
+            config::StoreSettings::Files => {
+                eprintln!(
+                    "miniapp-gateway: {} keeps its apps in files ([store] backend = \"files\"): nothing to migrate",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("miniapp-gateway: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let migrated = runtime.block_on(async {
+        let mut client = miniapp_gateway::pg::connect(&settings).await?;
+        miniapp_gateway::pg::migrate(&mut client).await
+    });
+    match migrated {
+        Ok(m) if m.from == m.to => {
+            println!("schema at version {}: nothing to do", m.to);
+            ExitCode::SUCCESS
+        }
+        Ok(m) => {
+            println!("schema migrated from version {} to {}", m.from, m.to);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("miniapp-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn apps(action: AppsAction) -> ExitCode {
@@ -229,6 +289,7 @@ fn main() -> ExitCode {
         Command::Explain { config, app, channel, url } => explain(&config.config, &app, channel, &url),
         Command::Learn { access_log, wildcards } => learn(&access_log, &wildcards),
         Command::Apps { action } => apps(action),
+        Command::Store { action: StoreAction::Migrate { config } } => store_migrate(&config.config),
         Command::Token { name, .. }
             if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_graphic()) =>
         {
@@ -311,6 +372,12 @@ fn explain(path: &std::path::Path, app: &str, channel: Channel, url: &str) -> Ex
 fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
     let mut loader = config::Loader::new(&path);
     let config = loader.load().map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+    if matches!(config.store, config::StoreSettings::Postgres(_)) {
+        anyhow::bail!(
+            "[store] backend = \"postgres\" is not served yet: only `miniapp-gateway store migrate` uses it; \
+             run the gateway with the files store"
+        );
+    }
     check_descriptor_limit(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let (log, writer) = AccessLog::start(log_format, Box::new(std::io::stdout()));

@@ -42,8 +42,54 @@ pub struct Config {
     pub dns: Dns,
     /// `[scopes]`: consent prompts, auth codes and the platforms' rules.
     pub scopes: crate::scopes::Settings,
+    /// `[store]`: read at start only (the store's connections live as long as the gateway).
+    pub store: StoreSettings,
     pub policy: Policy,
 }
+
+/// The loaded `[store]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// The main file and `apps_dir`: the embedded default.
+    #[default]
+    Files,
+    Postgres(PostgresSettings),
+}
+
+/// `[store] backend = "postgres"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// The connection URL as written (without a password).
+    pub url: String,
+    /// From `password_file` or `MINIAPP_GATEWAY_DATABASE_PASSWORD`, when either is set.
+    pub password: Option<String>,
+    pub pool_size: usize,
+    /// `ca`: the database server's CA certificate, for `sslmode` other than `disable`.
+    pub ca: Option<PathBuf>,
+    /// The last good snapshot, for starts while the store is down.
+    pub cache: PathBuf,
+    pub poll_interval: Duration,
+    /// Whether `/readyz` stays 200 while the store is unreachable (the last good policy is
+    /// still enforced).
+    pub ready_without_store: bool,
+}
+
+impl fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .field("pool_size", &self.pool_size)
+            .field("ca", &self.ca)
+            .field("cache", &self.cache)
+            .field("poll_interval", &self.poll_interval)
+            .field("ready_without_store", &self.ready_without_store)
+            .finish()
+    }
+}
+
+/// The environment variable that holds the database password when `password_file` is not set.
+pub const DATABASE_PASSWORD_ENV: &str = "MINIAPP_GATEWAY_DATABASE_PASSWORD";
 
 #[derive(Debug, Clone)]
 pub struct Server {

@@ -36,6 +36,21 @@ pub struct RawConfig {
     pub admin_user: Vec<RawAdminUser>,
     #[serde(default)]
     pub scopes: RawScopes,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+/// `[store]`: where the apps of the management API live.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawStore {
+    pub backend: Option<Spanned<String>>,
+    pub url: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    pub pool_size: Option<Spanned<i64>>,
+    pub ca: Option<Spanned<String>>,
+    pub cache: Option<Spanned<String>>,
+    pub poll_interval: Option<Spanned<HumanDuration>>,
+    pub ready_without_store: Option<bool>,
 }
 
 /// `[scopes]`: who answers consent prompts, and the platforms' rules extended.

@@ -15,7 +15,8 @@ use super::schema::{
     HumanDuration, RawApi, RawApp, RawAppsFile, RawConfig, RawEntry, RawScopes, RawTls, RawUsersFile, SpannedList,
 };
 use super::{
-    AdminUser, Binding, Config, ConfigError, ConfigErrors, Dns, Limits, ListenerSpec, Role, Server, TlsSettings,
+    AdminUser, Binding, Config, ConfigError, ConfigErrors, DATABASE_PASSWORD_ENV, Dns, Limits, ListenerSpec,
+    PostgresSettings, Role, Server, StoreSettings, TlsSettings,
 };
 use crate::policy::{
     self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
@@ -432,6 +433,7 @@ impl Validator {
         let resolve = self.resolve(main, &raw);
         let dns = self.dns(main, &raw);
         let scopes = self.scopes(main, &raw.scopes);
+        let store = self.store(main, &raw);
         let mut apps: Vec<(usize, Arc<App>, Range<usize>)> = Vec::with_capacity(inputs.len());
         let mut seen: HashMap<String, Origin> = HashMap::with_capacity(inputs.len());
         for input in inputs {
@@ -525,6 +527,7 @@ impl Validator {
             tls,
             dns,
             scopes,
+            store,
             policy: Policy::new(apps.iter().map(|(_, app, _)| app.clone()), rules),
         };
         (config, apps)
@@ -993,6 +996,120 @@ impl Validator {
         resolve
     }
 
+    fn store(&mut self, main: usize, raw: &RawConfig) -> StoreSettings {
+        let s = &raw.store;
+        let backend = s.backend.as_ref().map_or("files", |b| b.get_ref().as_str());
+        let postgres_only = [
+            s.url.as_ref().map(|v| ("url", v.span())),
+            s.password_file.as_ref().map(|v| ("password_file", v.span())),
+            s.pool_size.as_ref().map(|v| ("pool_size", v.span())),
+            s.ca.as_ref().map(|v| ("ca", v.span())),
+            s.cache.as_ref().map(|v| ("cache", v.span())),
+            s.poll_interval.as_ref().map(|v| ("poll_interval", v.span())),
+        ];
+        match backend {
+            "files" => {
+                for (key, span) in postgres_only.into_iter().flatten() {
+                    self.error(main, span, format!("{key} is a setting of backend = \"postgres\""));
+                }
+                return StoreSettings::Files;
+            }
+            "postgres" => {}
+            other => {
+                let span = s.backend.as_ref().map_or(0..0, |b| b.span());
+                self.error(main, span, format!("backend {other:?} is not a store: files or postgres"));
+                return StoreSettings::Files;
+            }
+        }
+        let backend_span = s.backend.as_ref().map_or(0..0, |b| b.span());
+        if let Some(dir) = &raw.policy.apps_dir {
+            self.error(
+                main,
+                dir.span(),
+                "apps_dir and backend = \"postgres\" exclude each other: the apps are in the database",
+            );
+        }
+        let url = match &s.url {
+            None => {
+                self.error(
+                    main,
+                    backend_span.clone(),
+                    "backend = \"postgres\" needs url = \"postgres://user@host/db\"",
+                );
+                String::new()
+            }
+            Some(url) => {
+                match url.get_ref().parse::<tokio_postgres::Config>() {
+                    Err(e) => self.error(main, url.span(), format!("url is not a PostgreSQL connection URL: {e}")),
+                    Ok(parsed) if parsed.get_password().is_some() => self.error(
+                        main,
+                        url.span(),
+                        format!("url holds a password: put it in password_file or {DATABASE_PASSWORD_ENV}"),
+                    ),
+                    Ok(_) => {}
+                }
+                url.get_ref().clone()
+            }
+        };
+        let path = self.sources[main].path.clone();
+        let password = match &s.password_file {
+            Some(file) => {
+                let file = resolve_relative(&path, file.get_ref());
+                self.other_files.push(file.clone());
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => Some(text.trim_end_matches(['\r', '\n']).to_owned()),
+                    Err(e) => {
+                        let span = s.password_file.as_ref().map_or(0..0, |f| f.span());
+                        self.unreadable(main, span, format!("cannot read password_file {}: {e}", file.display()));
+                        None
+                    }
+                }
+            }
+            None => std::env::var(DATABASE_PASSWORD_ENV).ok(),
+        };
+        let pool_size = match &s.pool_size {
+            None => 4,
+            Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                self.error(main, n.span(), "pool_size must be from 1 to 64");
+                4
+            }
+        };
+        let ca = s.ca.as_ref().map(|ca| {
+            let ca = resolve_relative(&path, ca.get_ref());
+            self.other_files.push(ca.clone());
+            ca
+        });
+        let cache = match &s.cache {
+            Some(cache) => resolve_relative(&path, cache.get_ref()),
+            None => {
+                self.error(
+                    main,
+                    backend_span,
+                    "backend = \"postgres\" needs cache = \"…/apps.json\": the last good snapshot, for starts while the database is down",
+                );
+                PathBuf::new()
+            }
+        };
+        let poll_interval = match &s.poll_interval {
+            None => Duration::from_secs(5),
+            Some(d) if d.get_ref().0 >= Duration::from_millis(100) => d.get_ref().0,
+            Some(d) => {
+                self.error(main, d.span(), "poll_interval must be at least 100ms");
+                Duration::from_secs(5)
+            }
+        };
+        StoreSettings::Postgres(PostgresSettings {
+            url,
+            password,
+            pool_size,
+            ca,
+            cache,
+            poll_interval,
+            ready_without_store: s.ready_without_store.unwrap_or(true),
+        })
+    }
+
     fn dns(&mut self, main: usize, raw: &RawConfig) -> Dns {
         let Some(list) = &raw.dns.nameservers else {
             return Dns::default();
@@ -1180,6 +1297,42 @@ id = "demo"
         )
         .unwrap();
         assert_eq!(config.policy.app("a").unwrap().api_entries, [("shop.pay".into(), Some("pay".into()))]);
+    }
+
+    #[test]
+    fn the_store_section_is_checked_where_it_is() {
+        let config = load_text(Path::new("gw.toml"), String::new(), &mut AppsCache::default()).unwrap();
+        assert_eq!(config.store, StoreSettings::Files);
+        let text = "[store]\nbackend = \"postgres\"\nurl = \"postgres://gw@db.internal/gateway?sslmode=disable\"\n\
+                    cache = \"cache/apps.json\"\npool_size = 8\npoll_interval = \"2s\"\n";
+        let config = load_text(Path::new("/etc/gw/gw.toml"), text.to_owned(), &mut AppsCache::default()).unwrap();
+        let StoreSettings::Postgres(pg) = config.store else { panic!("not postgres") };
+        assert_eq!(
+            (pg.pool_size, pg.cache.as_path(), pg.poll_interval, pg.ready_without_store),
+            (8, Path::new("/etc/gw/cache/apps.json"), Duration::from_secs(2), true)
+        );
+        assert_eq!(
+            errors(
+                "[policy]\napps_dir = \"apps\"\n\n[store]\nbackend = \"postgres\"\nurl = \"postgres://gw:pw@db/gateway\"\n\
+                 pool_size = 0\npoll_interval = \"1ms\"\n"
+            ),
+            [
+                "gw.toml:2:12: cannot read apps_dir apps: No such file or directory (os error 2)",
+                r#"gw.toml:2:12: apps_dir and backend = "postgres" exclude each other: the apps are in the database"#,
+                r#"gw.toml:5:11: backend = "postgres" needs cache = "…/apps.json": the last good snapshot, for starts while the database is down"#,
+                "gw.toml:6:7: url holds a password: put it in password_file or MINIAPP_GATEWAY_DATABASE_PASSWORD",
+                "gw.toml:7:13: pool_size must be from 1 to 64",
+                "gw.toml:8:17: poll_interval must be at least 100ms",
+            ]
+        );
+        assert_eq!(
+            errors("[store]\nbackend = \"etcd\"\n"),
+            [r#"gw.toml:2:11: backend "etcd" is not a store: files or postgres"#]
+        );
+        assert_eq!(
+            errors("[store]\nurl = \"postgres://db/gateway\"\n"),
+            [r#"gw.toml:2:7: url is a setting of backend = "postgres""#]
+        );
     }
 
     #[test]
