@@ -383,6 +383,52 @@ fn quoted(text: &str) -> String {
     out
 }
 
+/// An app's `[[app]]` table as config text, every value on a line of its own, with the field
+/// path of each line (so that a validation error at a line can be told as a field).
+pub fn definition(doc: &AppDoc) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut lines = Vec::new();
+    let mut line = |text: &mut String, content: String, path: &str| {
+        text.push_str(&content);
+        text.push('\n');
+        lines.push(path.to_owned());
+    };
+    line(&mut text, "[[app]]".to_owned(), "");
+    line(&mut text, format!("id = {}", quoted(&doc.id)), "id");
+    if let Some(name) = &doc.name {
+        line(&mut text, format!("name = {}", quoted(name)), "name");
+    }
+    if let Some(Some(token)) = &doc.token {
+        line(&mut text, format!("token = {}", quoted(token)), "token");
+    }
+    if let Some(action) = doc.action {
+        line(&mut text, format!("action = \"{}\"", action.as_str()), "action");
+    }
+    let lists = [
+        ("server_domains", "domain", &doc.server_domains),
+        ("webview_domains", "domain", &doc.webview_domains),
+        ("api_whitelist", "api", &doc.api_whitelist),
+    ];
+    for (list, field, entries) in lists {
+        line(&mut text, format!("{list} = ["), list);
+        for (i, entry) in entries.iter().enumerate() {
+            let value = match &entry.remark {
+                Some(remark) => format!("  {{ {field} = {}, remark = {} }},", quoted(&entry.value), quoted(remark)),
+                None => format!("  {},", quoted(&entry.value)),
+            };
+            line(&mut text, value, &format!("{list}[{i}].{field}"));
+        }
+        line(&mut text, "]".to_owned(), list);
+    }
+    if let Some(platform) = &doc.platform {
+        line(&mut text, format!("platform = {}", quoted(platform)), "platform");
+    }
+    if let Some(Some(secret)) = &doc.secret {
+        line(&mut text, format!("secret = {}", quoted(secret)), "secret");
+    }
+    (text, lines)
+}
+
 impl Store for FileStore {
     fn place(&self, id: &str) -> std::io::Result<Place> {
         if let Some(file) = self.file_of(id) {
@@ -412,54 +458,13 @@ impl Store for FileStore {
     fn render(&self, id: &str, doc: Option<&AppDoc>, revision: u64) -> Rendered {
         let file = self.file_of(id).unwrap_or_else(|| self.config.clone());
         let Some(doc) = doc else { return Rendered { file, text: None, lines: Vec::new() } };
-        let mut text = String::new();
-        let mut lines = Vec::new();
-        let mut line = |text: &mut String, content: String, path: &str| {
-            text.push_str(&content);
-            text.push('\n');
-            lines.push(path.to_owned());
-        };
-        line(&mut text, String::new(), ""); // the revision line, written below over the body
-        line(&mut text, "[[app]]".to_owned(), "");
-        line(&mut text, format!("id = {}", quoted(&doc.id)), "id");
-        if let Some(name) = &doc.name {
-            line(&mut text, format!("name = {}", quoted(name)), "name");
-        }
-        if let Some(Some(token)) = &doc.token {
-            line(&mut text, format!("token = {}", quoted(token)), "token");
-        }
-        if let Some(action) = doc.action {
-            line(&mut text, format!("action = \"{}\"", action.as_str()), "action");
-        }
-        let lists = [
-            ("server_domains", "domain", &doc.server_domains),
-            ("webview_domains", "domain", &doc.webview_domains),
-            ("api_whitelist", "api", &doc.api_whitelist),
-        ];
-        for (list, field, entries) in lists {
-            line(&mut text, format!("{list} = ["), list);
-            for (i, entry) in entries.iter().enumerate() {
-                let value = match &entry.remark {
-                    Some(remark) => format!("  {{ {field} = {}, remark = {} }},", quoted(&entry.value), quoted(remark)),
-                    None => format!("  {},", quoted(&entry.value)),
-                };
-                line(&mut text, value, &format!("{list}[{i}].{field}"));
-            }
-            line(&mut text, "]".to_owned(), list);
-        }
-        if let Some(platform) = &doc.platform {
-            line(&mut text, format!("platform = {}", quoted(platform)), "platform");
-        }
-        if let Some(Some(secret)) = &doc.secret {
-            line(&mut text, format!("secret = {}", quoted(secret)), "secret");
-        }
-        let body = &text[1..];
+        let (body, mut lines) = definition(doc);
         let header = format!(
             "{REVISION_MARK}{revision} sha256={}: kept by the admin API; edits by hand are fine (comments are not kept)",
-            body_hash(body)
+            body_hash(&body)
         );
-        let text = format!("{header}{text}");
-        Rendered { file, text: Some(text), lines }
+        lines.insert(0, String::new()); // the revision line
+        Rendered { file, text: Some(format!("{header}\n{body}")), lines }
     }
 
     fn history(&self, id: &str) -> std::io::Result<Vec<Record>> {

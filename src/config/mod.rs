@@ -9,9 +9,11 @@ pub mod schema;
 mod validate;
 pub mod watch;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::policy::{Channel, Policy};
@@ -266,28 +268,41 @@ pub fn load_str(path: &Path, text: String) -> Result<Config, ConfigErrors> {
     validate::load_text(path, text, &mut AppsCache::default())
 }
 
-/// Loads one config file again and again, re-validating only the `apps_dir` files that
-/// changed since the last load.
+/// The apps of a PostgreSQL store as a replica holds them: each app's definition (its
+/// `[[app]]` table as config text) by id.
+pub type StoreApps = Arc<BTreeMap<String, String>>;
+
+pub use validate::store_source;
+
+/// Loads one config file again and again, re-validating only the `apps_dir` files (or store
+/// apps) that changed since the last load.
 #[derive(Debug, Clone)]
 pub struct Loader {
     path: PathBuf,
     cache: AppsCache,
+    /// With the PostgreSQL store: its apps as last read, loaded with the config's own.
+    store_apps: Option<StoreApps>,
 }
 
 impl Loader {
     pub fn new(path: &Path) -> Loader {
-        Loader { path: path.to_path_buf(), cache: AppsCache::default() }
+        Loader { path: path.to_path_buf(), cache: AppsCache::default(), store_apps: None }
     }
 
     pub fn load(&mut self) -> Result<Config, ConfigErrors> {
-        validate::load(&self.path, &mut self.cache)
+        validate::load(&self.path, &mut self.cache, self.store_apps.clone())
+    }
+
+    /// The store's apps the next loads take (the PostgreSQL store's replica sets them).
+    pub fn set_store_apps(&mut self, apps: StoreApps) {
+        self.store_apps = Some(apps);
     }
 
     /// Validate the config as it would be with each `apps_dir` file of `changes` holding its
     /// text (or removed, for `None`), changing nothing: writes checked, together, before they
     /// are made.
     pub fn load_candidate(&self, changes: &[(PathBuf, Option<String>)]) -> Result<Config, ConfigErrors> {
-        validate::load_candidate(&self.path, &mut self.cache.clone(), changes)
+        validate::load_candidate(&self.path, &mut self.cache.clone(), self.store_apps.clone(), changes)
     }
 }
 

@@ -16,7 +16,7 @@ use super::schema::{
 };
 use super::{
     AdminUser, Binding, Config, ConfigError, ConfigErrors, DATABASE_PASSWORD_ENV, Dns, Limits, ListenerSpec,
-    PostgresSettings, Role, Server, StoreSettings, TlsSettings,
+    PostgresSettings, Role, Server, StoreApps, StoreSettings, TlsSettings,
 };
 use crate::policy::{
     self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
@@ -44,25 +44,31 @@ const DEFAULT_MAX_DOMAINS: usize = 30;
 pub(super) fn load_candidate(
     path: &Path,
     cache: &mut AppsCache,
+    store_apps: Option<StoreApps>,
     changes: &[(PathBuf, Option<String>)],
 ) -> Result<Config, ConfigErrors> {
     let main = match super::read_settled(path) {
         Ok(main) => main,
         Err(e) => return Err(ConfigErrors(vec![unreadable_file(path, format!("cannot read the config file: {e}"))])),
     };
-    let v = Validator { candidates: changes.iter().cloned().collect(), ..Validator::default() };
+    let v = Validator { candidates: changes.iter().cloned().collect(), store_apps, ..Validator::default() };
     v.load(path, main, cache)
 }
 
-pub(super) fn load(path: &Path, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
+pub(super) fn load(path: &Path, cache: &mut AppsCache, store_apps: Option<StoreApps>) -> Result<Config, ConfigErrors> {
     match super::read_settled(path) {
         Ok(text) if text.trim().is_empty() => Err(ConfigErrors(vec![ConfigError::whole_file(
             path,
             "the config file is empty (truncated by a writer?); an empty file is never loaded".to_owned(),
         )])),
-        Ok(text) => load_text(path, text, cache),
+        Ok(text) => Validator { store_apps, ..Validator::default() }.load(path, text, cache),
         Err(e) => Err(ConfigErrors(vec![unreadable_file(path, format!("cannot read the config file: {e}"))])),
     }
+}
+
+/// The name under which the store's definition of app `id` is validated (and its errors told).
+pub fn store_source(id: &str) -> PathBuf {
+    PathBuf::from(format!("postgres:{id}"))
 }
 
 pub(super) fn load_text(path: &Path, text: String, cache: &mut AppsCache) -> Result<Config, ConfigErrors> {
@@ -81,6 +87,9 @@ impl Validator {
         let apps_dir = raw.policy.apps_dir.as_ref().map(|dir| resolve_relative(path, dir.get_ref()));
         if let (Some(dir), Some(spanned)) = (&apps_dir, &raw.policy.apps_dir) {
             self.read_apps_dir(main, spanned.span(), dir, settings, cache, &mut apps);
+        }
+        if let Some(store_apps) = self.store_apps.take() {
+            self.read_store_apps(&store_apps, settings, cache, &mut apps);
         }
         let (config, fresh) = self.config(main, raw, apps, apps_dir, settings);
         self.update_cache(main, settings, cache, fresh);
@@ -226,6 +235,9 @@ struct Validator {
     /// An `apps_dir` file taken as holding this text (or as absent) instead of what is on
     /// disk: a write being checked.
     candidates: BTreeMap<PathBuf, Option<String>>,
+    /// The apps of the PostgreSQL store, as the replica last read them: each validated as a
+    /// file of its own, [`store_source`].
+    store_apps: Option<StoreApps>,
     /// (source, byte offset, message)
     errors: Vec<Problem>,
 }
@@ -344,28 +356,76 @@ impl Validator {
                 Some(text) => Ok(text),
                 None => super::read_settled(&file),
             };
-            match read {
-                Ok(text) if text.trim().is_empty() => {
-                    let source = self.add_source(file, text);
-                    let message = "this apps file is empty (truncated by a writer?); delete it to remove its apps";
-                    self.error(source, 0..0, message);
-                }
-                Ok(text) => {
-                    let print = fingerprint(&text);
-                    let cached = cache.files.get(&file).filter(|c| c.fingerprint == print && c.settings == settings);
-                    let cached = cached.map(|c| c.apps.clone());
-                    let source = self.add_source(file, text);
-                    self.sources[source].fingerprint = print;
-                    if let Some(cached) = cached {
-                        apps.extend(cached.into_iter().map(|(app, id_span)| AppInput::Cached { source, app, id_span }));
-                    } else if let Some(parsed) = self.parse::<RawAppsFile>(source) {
-                        apps.extend(parsed.app.into_iter().map(|app| AppInput::raw(source, app)));
+            self.take_apps_text(file, read, None, settings, cache, apps);
+        }
+    }
+
+    /// The store's apps, each as a file of its own, with the changes being checked in place.
+    fn read_store_apps(
+        &mut self,
+        store_apps: &StoreApps,
+        settings: AppSettings,
+        cache: &AppsCache,
+        apps: &mut Vec<AppInput>,
+    ) {
+        let mut ids: Vec<&String> = store_apps.keys().collect();
+        let changed: Vec<String> = self
+            .candidates
+            .iter()
+            .filter(|(_, text)| text.is_some())
+            .filter_map(|(file, _)| file.to_str()?.strip_prefix("postgres:").map(str::to_owned))
+            .collect();
+        ids.extend(changed.iter().filter(|id| !store_apps.contains_key(*id)));
+        ids.sort();
+        for id in ids {
+            let file = store_source(id);
+            let text = match self.candidates.get(&file) {
+                Some(Some(text)) => text.clone(),
+                Some(None) => continue, // removed by the change being checked
+                None => store_apps[id].clone(),
+            };
+            self.take_apps_text(file, Ok(text), Some(id), settings, cache, apps);
+        }
+    }
+
+    /// Take the apps of one file's text (from the cache when it is unchanged); `one` names the
+    /// only app the text may define (a store's definition of that app).
+    fn take_apps_text(
+        &mut self,
+        file: PathBuf,
+        read: std::io::Result<String>,
+        one: Option<&str>,
+        settings: AppSettings,
+        cache: &AppsCache,
+        apps: &mut Vec<AppInput>,
+    ) {
+        match read {
+            Ok(text) if text.trim().is_empty() => {
+                let source = self.add_source(file, text);
+                let message = "this apps file is empty (truncated by a writer?); delete it to remove its apps";
+                self.error(source, 0..0, message);
+            }
+            Ok(text) => {
+                let print = fingerprint(&text);
+                let cached = cache.files.get(&file).filter(|c| c.fingerprint == print && c.settings == settings);
+                let cached = cached.map(|c| c.apps.clone());
+                let source = self.add_source(file, text);
+                self.sources[source].fingerprint = print;
+                if let Some(cached) = cached {
+                    apps.extend(cached.into_iter().map(|(app, id_span)| AppInput::Cached { source, app, id_span }));
+                } else if let Some(parsed) = self.parse::<RawAppsFile>(source) {
+                    if let Some(id) = one
+                        && (parsed.app.len() != 1 || parsed.app.iter().any(|app| app.id.get_ref() != id))
+                    {
+                        self.error(source, 0..0, format!("the store's definition of app {id:?} must be that one app"));
+                        return;
                     }
+                    apps.extend(parsed.app.into_iter().map(|app| AppInput::raw(source, app)));
                 }
-                Err(e) => {
-                    let source = self.add_source(file, String::new());
-                    self.unreadable(source, 0..0, format!("cannot read the apps file: {e}"));
-                }
+            }
+            Err(e) => {
+                let source = self.add_source(file, String::new());
+                self.unreadable(source, 0..0, format!("cannot read the apps file: {e}"));
             }
         }
     }
@@ -1198,20 +1258,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let main = dir.path().join("gateway.toml");
         std::fs::write(&main, "[scopes]\nusers = \"users.toml\"\nprompter = \"webhook\"\nwebhook_url = \"http://127.0.0.1:7000/prompt?x=1\"\n").unwrap();
-        let missing = load(&main, &mut AppsCache::default()).unwrap_err();
+        let missing = load(&main, &mut AppsCache::default(), None).unwrap_err();
         assert!(
             missing.0[0].unreadable && missing.0[0].message.starts_with("cannot read the user directory"),
             "{missing}"
         );
         let users = dir.path().join("users.toml");
         std::fs::write(&users, "[[user]]\nid = \"u1\"\nnick = \"x\"\n\n[[user]]\nid = \"u1\"\n").unwrap();
-        let err = load(&main, &mut AppsCache::default()).unwrap_err().to_string();
+        let err = load(&main, &mut AppsCache::default(), None).unwrap_err().to_string();
         assert!(err.contains("users.toml:3:1: unknown field `nick` in user[0]"), "{err}");
         std::fs::write(&users, "[[user]]\nid = \"u1\"\nnickname = \"x\"\n\n[[user]]\nid = \"u1\"\n").unwrap();
-        let err = load(&main, &mut AppsCache::default()).unwrap_err().to_string();
+        let err = load(&main, &mut AppsCache::default(), None).unwrap_err().to_string();
         assert!(err.ends_with("users.toml:6:6: duplicate user id \"u1\""), "{err}");
         std::fs::write(&users, "[[user]]\nid = \"u1\"\nnickname = \"x\"\nlogin_id = \"l\"\n").unwrap();
-        let config = load(&main, &mut AppsCache::default()).unwrap();
+        let config = load(&main, &mut AppsCache::default(), None).unwrap();
         let directory = &config.scopes.users;
         assert_eq!(directory.field("u1", UserField::Nickname).as_deref(), Some("x"));
         assert_eq!(directory.field("u1", UserField::UserId).as_deref(), Some("u1"));
@@ -1405,7 +1465,7 @@ id = "demo"
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, "  \n").unwrap();
-        let err = load(&path, &mut AppsCache::default()).unwrap_err();
+        let err = load(&path, &mut AppsCache::default(), None).unwrap_err();
         assert!(
             err.to_string().ends_with(
                 "gateway.toml:1:1: the config file is empty (truncated by a writer?); an empty file is never loaded"
@@ -1466,13 +1526,13 @@ id = "demo"
         let dir = tempfile::tempdir().unwrap();
         let main = dir.path().join("gateway.toml");
         std::fs::write(&main, "[tls]\ncert = \"gw.crt\"\nkey = \"gw.key\"\n").unwrap();
-        let missing = load(&main, &mut AppsCache::default()).unwrap_err();
+        let missing = load(&main, &mut AppsCache::default(), None).unwrap_err();
         assert!(missing.0.iter().all(|e| e.unreadable), "{missing}");
         std::fs::write(dir.path().join("gw.crt"), "not a certificate").unwrap();
         std::fs::write(dir.path().join("gw.key"), "not a key").unwrap();
-        let bad = load(&main, &mut AppsCache::default()).unwrap_err();
+        let bad = load(&main, &mut AppsCache::default(), None).unwrap_err();
         assert!(bad.0.iter().all(|e| !e.unreadable), "{bad}");
-        let unknown = load(&dir.path().join("absent.toml"), &mut AppsCache::default()).unwrap_err();
+        let unknown = load(&dir.path().join("absent.toml"), &mut AppsCache::default(), None).unwrap_err();
         assert!(unknown.0[0].unreadable);
     }
 
@@ -1529,11 +1589,11 @@ id = "demo"
         std::fs::write(dir.path().join("apps/notes.txt"), "not toml").unwrap();
         let main = dir.path().join("gateway.toml");
         std::fs::write(&main, "[policy]\napps_dir = \"apps\"\n").unwrap();
-        let err = load(&main, &mut AppsCache::default()).unwrap_err();
+        let err = load(&main, &mut AppsCache::default(), None).unwrap_err();
         assert_eq!(err.0.len(), 1);
         assert!(err.0[0].to_string().contains("b.toml:2:6: duplicate app id \"a\" (first defined at "), "{err}");
         std::fs::remove_file(dir.path().join("apps/b.toml")).unwrap();
-        let config = load(&main, &mut AppsCache::default()).unwrap();
+        let config = load(&main, &mut AppsCache::default(), None).unwrap();
         assert_eq!(config.policy.app_count(), 1);
     }
 
@@ -1558,16 +1618,16 @@ id = "demo"
     fn a_reload_reuses_the_apps_of_unchanged_files() {
         let (dir, main) = apps_dir_fixture();
         let mut cache = AppsCache::default();
-        let first = load(&main, &mut cache).unwrap();
+        let first = load(&main, &mut cache, None).unwrap();
         std::fs::write(dir.path().join("apps/b.toml"), "[[app]]\nid = \"b\"\nserver_domains = [\"new.example\"]\n")
             .unwrap();
-        let second = load(&main, &mut cache).unwrap();
+        let second = load(&main, &mut cache, None).unwrap();
         assert_eq!(app_ptr(&first, "a"), app_ptr(&second, "a"), "unchanged: the validated app is reused");
         assert_eq!(app_ptr(&first, "c"), app_ptr(&second, "c"));
         assert_ne!(app_ptr(&first, "b"), app_ptr(&second, "b"), "changed: validated again");
         assert_eq!(second.policy.app("b").unwrap().server_domains.entries()[0].to_string(), "new.example");
         std::fs::remove_file(dir.path().join("apps/c.toml")).unwrap();
-        let third = load(&main, &mut cache).unwrap();
+        let third = load(&main, &mut cache, None).unwrap();
         assert!(third.policy.app("c").is_none());
         assert_eq!(cache.files.len(), 2);
     }
@@ -1576,15 +1636,15 @@ id = "demo"
     fn the_cache_never_hides_an_error() {
         let (dir, main) = apps_dir_fixture();
         let mut cache = AppsCache::default();
-        load(&main, &mut cache).unwrap();
+        load(&main, &mut cache, None).unwrap();
         // a limit the cached apps break
         std::fs::write(&main, "[policy]\napps_dir = \"apps\"\nmax_server_domains = 1\n").unwrap();
-        assert_eq!(load(&main, &mut cache).unwrap_err().0.len(), 3);
+        assert_eq!(load(&main, &mut cache, None).unwrap_err().0.len(), 3);
         std::fs::write(&main, "[policy]\napps_dir = \"apps\"\n").unwrap();
-        load(&main, &mut cache).unwrap();
+        load(&main, &mut cache, None).unwrap();
         // a new file that repeats a cached id
         std::fs::write(dir.path().join("apps/d.toml"), "[[app]]\nid = \"a\"\n").unwrap();
-        let err = load(&main, &mut cache).unwrap_err();
+        let err = load(&main, &mut cache, None).unwrap_err();
         assert!(err.to_string().contains("d.toml:2:6: duplicate app id \"a\" (first defined at "), "{err}");
         std::fs::remove_file(dir.path().join("apps/d.toml")).unwrap();
         // a broken file is not cached: it fails until it is fixed
@@ -1593,9 +1653,9 @@ id = "demo"
             "[[app]]\nid = \"b\"\nserver_domains = [\"http://b.example\"]\n",
         )
         .unwrap();
-        assert!(load(&main, &mut cache).is_err());
-        assert!(load(&main, &mut cache).is_err());
+        assert!(load(&main, &mut cache, None).is_err());
+        assert!(load(&main, &mut cache, None).is_err());
         std::fs::write(dir.path().join("apps/b.toml"), "[[app]]\nid = \"b\"\n").unwrap();
-        assert!(load(&main, &mut cache).is_ok());
+        assert!(load(&main, &mut cache, None).is_ok());
     }
 }
