@@ -6,7 +6,7 @@ keeping the platforms' consent rules itself: before each device or user-data API
 /v1/scopes/decide and does what the answer says. This file shows every call a container makes;
 Python standard library only.
 
-    python3 examples/scope_shim.py --admin http://127.0.0.1:9090 demo
+    python3 examples/scope_shim.py --admin http://127.0.0.1:9090 --token console-demo-token demo
 
 runs a short scenario against a gateway (see the README, "Scope authorization"): it creates
 two apps, calls APIs as their miniapps would, shows the prompts a user would see, answers
@@ -106,9 +106,9 @@ USER = "2088000000000001"
 
 
 def demo(gw):
-    wechat = {"name": "WeShop", "platform": "wechat", "api_whitelist": ["getLocation", "chooseImage"]}
-    superapp = {"name": "Super Shop", "platform": "superapp", "secret": "backend-secret", "api_whitelist": ["scan"]}
-    for app_id, app in (("weshop", wechat), ("supershop", superapp)):
+    wechat = {"name": "Shim WeChat app", "platform": "wechat", "api_whitelist": ["getLocation", "chooseImage"]}
+    superapp = {"name": "Shim SuperApp app", "platform": "superapp", "secret": "backend-secret", "api_whitelist": ["scan"]}
+    for app_id, app in (("shimwx", wechat), ("shimsuper", superapp)):
         # an editor's write, as an operator (not a container) makes it; 412: it exists already
         status, _ = gw._call("PUT", f"/v1/apps/{app_id}", app, headers=[("If-None-Match", "*")])
         if status not in (201, 412):
@@ -120,22 +120,22 @@ def demo(gw):
             return answer
         return ask_user
 
-    show("weshop getLocation", call_api(gw, "weshop", USER, "getLocation", user_says("deny")))
-    show("weshop getLocation again", gw.decide("weshop", USER, "getLocation"))
-    gw.open_setting("weshop", USER, "scope.userLocation", "granted")
-    show("weshop getLocation after openSetting", gw.decide("weshop", USER, "getLocation"))
-    show("weshop chooseImage (not a scope API here)", gw.decide("weshop", USER, "chooseImage"))
-    show("supershop scan, camera denied for good by the host", gw.decide("supershop", USER, "scan", "denied_forever"))
-    show("supershop scan, camera allowed by the host", call_api(gw, "supershop", USER, "scan", user_says("allow")))
-    issued = gw.get_auth_code("supershop", USER, ["USER_NICKNAME"], wait=False)
+    show("shimwx getLocation", call_api(gw, "shimwx", USER, "getLocation", user_says("deny")))
+    show("shimwx getLocation again", gw.decide("shimwx", USER, "getLocation"))
+    gw.open_setting("shimwx", USER, "scope.userLocation", "granted")
+    show("shimwx getLocation after openSetting", gw.decide("shimwx", USER, "getLocation"))
+    show("shimwx chooseImage (not a scope API here)", gw.decide("shimwx", USER, "chooseImage"))
+    show("shimsuper scan, camera denied for good by the host", gw.decide("shimsuper", USER, "scan", "denied_forever"))
+    show("shimsuper scan, camera allowed by the host", call_api(gw, "shimsuper", USER, "scan", user_says("allow")))
+    issued = gw.get_auth_code("shimsuper", USER, ["USER_NICKNAME"], wait=False)
     if issued["decision"] == "prompt":
         gw.answer(issued["prompt"]["id"], user_says("allow")(issued["prompt"]))
-        issued = gw.get_auth_code("supershop", USER, ["USER_NICKNAME"])
-    status, user = gw.exchange("supershop", "backend-secret", issued["code"])
+        issued = gw.get_auth_code("shimsuper", USER, ["USER_NICKNAME"])
+    status, user = gw.exchange("shimsuper", "backend-secret", issued["code"])
     show(f"backend exchange ({status})", user)
-    status, again = gw.exchange("supershop", "backend-secret", issued["code"])
+    status, again = gw.exchange("shimsuper", "backend-secret", issued["code"])
     show(f"backend exchange again ({status})", again)
-    show("weshop settings", gw.get_setting("weshop", USER)["scopes"])
+    show("shimwx settings", gw.get_setting("shimwx", USER)["scopes"])
 
 
 def main():

@@ -230,13 +230,15 @@ impl Reloader {
         })
     }
 
-    /// Reload if the config's files changed since the last reload looked at them.
-    pub async fn reload_if_changed(&self) {
+    /// Reload if the config's files changed since the last reload looked at them: a watcher
+    /// event for a change that a reload already took (the admin API's own write) makes no new
+    /// generation.
+    pub async fn reload_if_changed(&self, trigger: Trigger) {
         let config = self.shared.live.load_full();
         let print = tokio::task::spawn_blocking(move || fingerprint(&config.config)).await;
         let last = *self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if print.is_ok_and(|print| print != last) {
-            let _ = self.reload(Trigger::Periodic).await;
+            let _ = self.reload(trigger).await;
         }
     }
 
@@ -325,13 +327,13 @@ pub fn spawn_watcher_every(reloader: Arc<Reloader>, repair: Duration, rehash: Du
                     if changed.is_none() {
                         return;
                     }
-                    let _ = reloader.reload(Trigger::Watcher).await;
+                    reloader.reload_if_changed(Trigger::Watcher).await;
                     if let Some(running) = &mut watcher {
                         running.update(reloader.watch_set());
                     }
                 }
                 _ = repair_tick.tick() => {}
-                _ = rehash_tick.tick() => reloader.reload_if_changed().await,
+                _ = rehash_tick.tick() => reloader.reload_if_changed(Trigger::Periodic).await,
             }
         }
     })

@@ -261,6 +261,12 @@ impl FileStore {
         }
     }
 
+    /// When the file of app `id` was last modified (a hand edit's time), or now.
+    fn edited_at(&self, id: &str) -> String {
+        let modified = self.file_of(id).and_then(|file| std::fs::metadata(file).ok()?.modified().ok());
+        modified.map_or_else(Record::now, |time| humantime::format_rfc3339_millis(time).to_string())
+    }
+
     /// The recorded changes of `id`, newest first (without a hand edit since).
     fn recorded(&self, id: &str) -> std::io::Result<Vec<Record>> {
         self.audit.as_ref().map_or(Ok(Vec::new()), |log| log.history(id))
@@ -470,7 +476,7 @@ impl Store for FileStore {
     fn history(&self, id: &str) -> std::io::Result<Vec<Record>> {
         let mut records = self.recorded(id)?;
         if let Place::Writable(stored) = self.place(id)?
-            && let Some(edit) = hand_edit(&stored, &records)
+            && let Some(edit) = hand_edit(&stored, &records, self.edited_at(id))
         {
             records.insert(0, edit);
         }
@@ -504,7 +510,7 @@ impl Store for FileStore {
         // A hand edit since the last recorded change goes into the record first, as a change
         // by `file`; then this change, before it is made.
         if let Some(stored) = current
-            && let Some(edit) = hand_edit(stored, &self.recorded(&record.app)?)
+            && let Some(edit) = hand_edit(stored, &self.recorded(&record.app)?, self.edited_at(&record.app))
         {
             self.append(&edit)?;
         }
@@ -571,7 +577,7 @@ pub fn remove_stale_temporaries(dir: &Path, age: std::time::Duration) -> std::io
 
 /// The change by `file` that an app's file shows when it was edited by hand since the last
 /// recorded change (`records`, newest first): its revision is past the last one recorded.
-fn hand_edit(stored: &Stored, records: &[Record]) -> Option<Record> {
+fn hand_edit(stored: &Stored, records: &[Record], time: String) -> Option<Record> {
     let last = records.first();
     if last.and_then(|record| record.revision).is_some_and(|recorded| stored.revision <= recorded) {
         return None;
@@ -579,7 +585,7 @@ fn hand_edit(stored: &Stored, records: &[Record]) -> Option<Record> {
     let mut after = stored.doc.clone();
     after.token = None; // never recorded
     Some(Record {
-        time: Record::now(),
+        time,
         app: after.id.clone(),
         revision: Some(stored.revision),
         user: "file".to_owned(),

@@ -405,3 +405,22 @@ async fn a_start_removes_what_a_writer_killed_before_its_rename_left() {
     assert!(live.exists(), "a live writer's is left alone");
     assert_eq!(gw.metric("gateway_apps_loaded").await, 1.0);
 }
+
+#[tokio::test]
+async fn an_api_write_is_one_generation_not_one_more_when_the_watcher_sees_its_file() {
+    let (_origin, gw) = setup().await;
+    let admin = gw.admin();
+    let add = json!({"entry": "new.shop.example"});
+    let (status, _, body) = call(admin, "POST", "/v1/apps/shop/server_domains", &[], Some(add), EDITOR).await;
+    assert_eq!(status, 201, "{body}");
+    let generation = body["generation"].as_f64().unwrap();
+    // The watcher sees the file the write replaced (its events come within ~200 ms); the
+    // change is already in force, so it makes no generation of its own.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert_eq!(gw.metric("gateway_config_generation").await, generation);
+    // while a hand edit still reloads
+    let file = gw.dir.path().join("apps/shop.toml");
+    let text = std::fs::read_to_string(&file).unwrap().replace("new.shop.example", "newer.shop.example");
+    std::fs::write(&file, text).unwrap();
+    assert_eq!(gw.wait_metric("gateway_config_generation", generation + 1.0).await, generation + 1.0);
+}

@@ -556,10 +556,10 @@ async fn the_example_container_shim_runs_its_scenario() {
             stdout.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{label}?\n{stdout}"));
         serde_json::from_str(found).unwrap()
     };
-    assert_eq!(verdict(&line("weshop getLocation")), ("deny", "scope_denied", false));
-    assert_eq!(verdict(&line("weshop getLocation after openSetting")), ("allow", "scope_granted", false));
-    assert_eq!(line("supershop scan, camera denied for good by the host")["guide"], "showAuthGuide");
-    assert_eq!(verdict(&line("supershop scan, camera allowed by the host")), ("allow", "scope_granted", false));
+    assert_eq!(verdict(&line("shimwx getLocation")), ("deny", "scope_denied", false));
+    assert_eq!(verdict(&line("shimwx getLocation after openSetting")), ("allow", "scope_granted", false));
+    assert_eq!(line("shimsuper scan, camera denied for good by the host")["guide"], "showAuthGuide");
+    assert_eq!(verdict(&line("shimsuper scan, camera allowed by the host")), ("allow", "scope_granted", false));
     assert_eq!(line("backend exchange (200)")["fields"], json!({"nickname": "Ada"}));
     assert_eq!(line("backend exchange again (400)")["reason"], "code_unknown");
 }
