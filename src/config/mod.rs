@@ -65,7 +65,6 @@ pub struct PostgresSettings {
     pub url: String,
     /// From `password_file` or `MINIAPP_GATEWAY_DATABASE_PASSWORD`, when either is set.
     pub password: Option<String>,
-    pub pool_size: usize,
     /// `ca`: the database server's CA certificate, for `sslmode` other than `disable`.
     pub ca: Option<PathBuf>,
     /// The last good snapshot, for starts while the store is down.
@@ -81,7 +80,6 @@ impl fmt::Debug for PostgresSettings {
         f.debug_struct("PostgresSettings")
             .field("url", &self.url)
             .field("password", &self.password.as_ref().map(|_| "…"))
-            .field("pool_size", &self.pool_size)
             .field("ca", &self.ca)
             .field("cache", &self.cache)
             .field("poll_interval", &self.poll_interval)

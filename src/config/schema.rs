@@ -46,7 +46,6 @@ pub struct RawStore {
     pub backend: Option<Spanned<String>>,
     pub url: Option<Spanned<String>>,
     pub password_file: Option<Spanned<String>>,
-    pub pool_size: Option<Spanned<i64>>,
     pub ca: Option<Spanned<String>>,
     pub cache: Option<Spanned<String>>,
     pub poll_interval: Option<Spanned<HumanDuration>>,

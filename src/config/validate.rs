@@ -1062,7 +1062,6 @@ impl Validator {
         let postgres_only = [
             s.url.as_ref().map(|v| ("url", v.span())),
             s.password_file.as_ref().map(|v| ("password_file", v.span())),
-            s.pool_size.as_ref().map(|v| ("pool_size", v.span())),
             s.ca.as_ref().map(|v| ("ca", v.span())),
             s.cache.as_ref().map(|v| ("cache", v.span())),
             s.poll_interval.as_ref().map(|v| ("poll_interval", v.span())),
@@ -1127,14 +1126,6 @@ impl Validator {
             }
             None => std::env::var(DATABASE_PASSWORD_ENV).ok(),
         };
-        let pool_size = match &s.pool_size {
-            None => 4,
-            Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref() as usize,
-            Some(n) => {
-                self.error(main, n.span(), "pool_size must be from 1 to 64");
-                4
-            }
-        };
         let ca = s.ca.as_ref().map(|ca| {
             let ca = resolve_relative(&path, ca.get_ref());
             self.other_files.push(ca.clone());
@@ -1162,7 +1153,6 @@ impl Validator {
         StoreSettings::Postgres(PostgresSettings {
             url,
             password,
-            pool_size,
             ca,
             cache,
             poll_interval,
@@ -1364,25 +1354,24 @@ id = "demo"
         let config = load_text(Path::new("gw.toml"), String::new(), &mut AppsCache::default()).unwrap();
         assert_eq!(config.store, StoreSettings::Files);
         let text = "[store]\nbackend = \"postgres\"\nurl = \"postgres://gw@db.internal/gateway?sslmode=disable\"\n\
-                    cache = \"cache/apps.json\"\npool_size = 8\npoll_interval = \"2s\"\n";
+                    cache = \"cache/apps.json\"\npoll_interval = \"2s\"\n";
         let config = load_text(Path::new("/etc/gw/gw.toml"), text.to_owned(), &mut AppsCache::default()).unwrap();
         let StoreSettings::Postgres(pg) = config.store else { panic!("not postgres") };
         assert_eq!(
-            (pg.pool_size, pg.cache.as_path(), pg.poll_interval, pg.ready_without_store),
-            (8, Path::new("/etc/gw/cache/apps.json"), Duration::from_secs(2), true)
+            (pg.cache.as_path(), pg.poll_interval, pg.ready_without_store),
+            (Path::new("/etc/gw/cache/apps.json"), Duration::from_secs(2), true)
         );
         assert_eq!(
             errors(
                 "[policy]\napps_dir = \"apps\"\n\n[store]\nbackend = \"postgres\"\nurl = \"postgres://gw:pw@db/gateway\"\n\
-                 pool_size = 0\npoll_interval = \"1ms\"\n"
+                 poll_interval = \"1ms\"\n"
             ),
             [
                 "gw.toml:2:12: cannot read apps_dir apps: No such file or directory (os error 2)",
                 r#"gw.toml:2:12: apps_dir and backend = "postgres" exclude each other: the apps are in the database"#,
                 r#"gw.toml:5:11: backend = "postgres" needs cache = "…/apps.json": the last good snapshot, for starts while the database is down"#,
                 "gw.toml:6:7: url holds a password: put it in password_file or MINIAPP_GATEWAY_DATABASE_PASSWORD",
-                "gw.toml:7:13: pool_size must be from 1 to 64",
-                "gw.toml:8:17: poll_interval must be at least 100ms",
+                "gw.toml:7:17: poll_interval must be at least 100ms",
             ]
         );
         assert_eq!(
