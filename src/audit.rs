@@ -57,6 +57,8 @@ pub struct AuditLog {
 struct Index {
     file: FileId,
     by_app: HashMap<String, Vec<Record>>,
+    /// Each app's highest revision ever given to a change, made or not: never given again.
+    highest: HashMap<String, u64>,
 }
 
 /// A file as far as appends are concerned: its inode and length.
@@ -81,12 +83,18 @@ impl Index {
     /// Take `record` into the history of its app: an applied change is added; a failure to
     /// make it (the app's next record, with the same revision) takes it out again.
     fn take(&mut self, record: Record) {
+        if matches!(record.outcome.as_str(), "applied" | "write_failed" | "reload_failed")
+            && let Some(revision) = record.revision
+        {
+            let highest = self.highest.entry(record.app.clone()).or_default();
+            *highest = (*highest).max(revision);
+        }
         let records = self.by_app.entry(record.app.clone()).or_default();
         match record.outcome.as_str() {
             "applied" => records.push(record),
-            "conflict" | "write_failed" | "reload_failed"
-                if records.last().is_some_and(|last| last.revision == record.revision) =>
-            {
+            // Recorded only after an `applied` line of the same change (a refusal, such as a
+            // `conflict`, is recorded without one, and takes nothing out).
+            "write_failed" | "reload_failed" if records.last().is_some_and(|last| last.revision == record.revision) => {
                 records.pop();
             }
             _ => {}
@@ -189,9 +197,16 @@ impl AuditLog {
         Ok(records)
     }
 
+    /// The highest revision `app` was ever given, by a change made or one that failed.
+    pub fn highest_revision(&self, app: &str) -> std::io::Result<Option<u64>> {
+        self.history(app)?; // brings the index up to date
+        let index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(index.as_ref().and_then(|index| index.highest.get(app).copied()))
+    }
+
     /// Read every record of every file, oldest first.
     fn read_index(&self, file: FileId) -> std::io::Result<Index> {
-        let mut index = Index { file, by_app: HashMap::new() };
+        let mut index = Index { file, by_app: HashMap::new(), highest: HashMap::new() };
         for path in self.rotations().into_iter().chain([self.path.clone()]) {
             let opened = match std::fs::File::open(&path) {
                 Ok(opened) => opened,
@@ -272,12 +287,17 @@ mod tests {
         log.append(&record("shop", 2, "applied")).unwrap();
         std::fs::OpenOptions::new().append(true).open(log.path()).unwrap().write_all(b"{\"time\":\"cut sh").unwrap();
         log.append(&record("shop", 3, "applied")).unwrap(); // after the cut line, on a line of its own
-        // revision 4 failed to be put in force; the next change takes the number again
+        // revision 4 failed to be put in force: out of the history, its number burnt
         log.append(&record("shop", 4, "applied")).unwrap();
         log.append(&record("other", 4, "applied")).unwrap();
         log.append(&record("shop", 4, "reload_failed")).unwrap();
-        log.append(&record("shop", 4, "applied")).unwrap();
+        // a refusal (a conflict found before anything was recorded) takes nothing out
+        log.append(&record("shop", 3, "conflict")).unwrap();
         let revisions: Vec<Option<u64>> = log.history("shop").unwrap().iter().map(|r| r.revision).collect();
-        assert_eq!(revisions, [Some(4), Some(3), Some(2), Some(1)]);
+        assert_eq!(revisions, [Some(3), Some(2), Some(1)]);
+        assert_eq!(log.highest_revision("shop").unwrap(), Some(4));
+        let fresh = AuditLog::beside(&dir.path().join("apps")); // read from the files alone
+        assert_eq!(fresh.history("shop").unwrap().len(), 3);
+        assert_eq!(fresh.highest_revision("shop").unwrap(), Some(4));
     }
 }

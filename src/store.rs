@@ -162,6 +162,21 @@ pub struct Stored {
     pub revision: u64,
     /// The file's text as read: a write is refused if it changed meanwhile (a hand edit).
     pub text: String,
+    /// For a definition changed by hand since the store wrote it: a hash of its text. Two
+    /// hand edits in a row have the same revision number (neither is recorded yet), so the
+    /// entity tag carries the hash too, and a write made against the first is refused.
+    pub edited: Option<String>,
+}
+
+impl Stored {
+    /// The entity tag of this state of the app, without its quotes: `N`, or `N-<hash>` for a
+    /// definition changed by hand.
+    pub fn tag(&self) -> String {
+        match &self.edited {
+            Some(hash) => format!("{}-{hash}", self.revision),
+            None => self.revision.to_string(),
+        }
+    }
 }
 
 /// Where an app is defined, as far as writes are concerned.
@@ -297,16 +312,21 @@ impl FileStore {
 /// wrote (the line also holds the rest's SHA-256); one more when it was edited by hand since;
 /// 1 for a file the store never wrote.
 fn revision_of(text: &str) -> u64 {
-    let (first, rest) = text.split_once('\n').unwrap_or((text, ""));
-    let Some(mark) = first.strip_prefix(REVISION_MARK) else { return 1 };
-    let revision: Option<u64> = mark.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok());
-    let Some(revision) = revision else { return 1 };
-    let written = mark.split_whitespace().nth(1).and_then(|field| field.strip_prefix("sha256="));
-    if written.is_some_and(|hash| hash.trim_end_matches(':') == body_hash(rest)) {
-        revision
-    } else {
-        revision.saturating_add(1)
+    match written_revision(text) {
+        Some((revision, true)) => revision,
+        Some((revision, false)) => revision.saturating_add(1),
+        None => 1,
     }
+}
+
+/// The revision a file's first line records, and whether the rest is still what the store
+/// wrote; `None` for a file without the line.
+fn written_revision(text: &str) -> Option<(u64, bool)> {
+    let (first, rest) = text.split_once('\n').unwrap_or((text, ""));
+    let mark = first.strip_prefix(REVISION_MARK)?;
+    let revision: u64 = mark.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse().ok())?;
+    let written = mark.split_whitespace().nth(1).and_then(|field| field.strip_prefix("sha256="));
+    Some((revision, written.is_some_and(|hash| hash.trim_end_matches(':') == body_hash(rest))))
 }
 
 /// The first 16 hex digits of the SHA-256 of a file's body (all but its first line).
@@ -446,7 +466,9 @@ impl Store for FileStore {
                     {
                         let doc = AppDoc::from_raw(app);
                         let revision = revision_of(&text);
-                        return Ok(Place::Writable(Box::new(Stored { doc, revision, text })));
+                        let pristine = matches!(written_revision(&text), Some((_, true)));
+                        let edited = (!pristine).then(|| body_hash(&text));
+                        return Ok(Place::Writable(Box::new(Stored { doc, revision, text, edited })));
                     }
                     return Ok(Place::ReadOnly(file));
                 }
@@ -486,7 +508,10 @@ impl Store for FileStore {
     fn next_revision(&self, id: &str, current: Option<&Stored>) -> std::io::Result<u64> {
         // The audit log remembers the highest revision, also of a deleted app, and of one whose
         // file lost its first line.
-        let audited = self.recorded(id)?.first().and_then(|record| record.revision);
+        let audited = match &self.audit {
+            Some(log) => log.highest_revision(id)?,
+            None => None,
+        };
         Ok(current.map(|stored| stored.revision).max(audited).unwrap_or(0).saturating_add(1))
     }
 
@@ -922,7 +947,11 @@ mod tests {
         assert_eq!(temporaries(&dir.path().join("apps")), 0, "the temporary file is gone");
         let revisions: Vec<Option<u64>> = store.history("shop").unwrap().iter().map(|r| r.revision).collect();
         assert_eq!(revisions, [Some(1)], "the change that was not made is not in the history");
-        assert_eq!(store.next_revision("shop", Some(&before)).unwrap(), 2);
+        assert_eq!(
+            store.next_revision("shop", Some(&before)).unwrap(),
+            3,
+            "the number of the change not made is not given again"
+        );
     }
 
     #[test]

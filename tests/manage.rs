@@ -162,7 +162,10 @@ async fn every_validation_error_as_a_field_path_and_a_dry_run_changes_nothing() 
         "webview_domains": ["*"],
         "api_whitelist": ["shop.pay", {"api": "shop.share", "remark": "s".repeat(201)}, "shop pay"]
     });
-    let (status, _, body) = call(admin, "PUT", "/v1/apps/shop", &[("If-Match", "\"1\"")], Some(bad), EDITOR).await;
+    // shop.toml was written by hand: its tag is its revision and a hash of its content
+    let (_, headers, _) = call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await;
+    let tag = headers["etag"].clone();
+    let (status, _, body) = call(admin, "PUT", "/v1/apps/shop", &[("If-Match", tag.as_str())], Some(bad), EDITOR).await;
     assert_eq!(status, 422, "{body}");
     let errors: Vec<(String, String)> = body["errors"]
         .as_array()
@@ -361,8 +364,23 @@ async fn edits_by_hand_show_up_in_the_history_as_changes_by_file() {
         text.replace("\"new.shop.example\",", "{ domain = \"new.shop.example\", remark = \"by hand\" },"),
     )
     .unwrap();
-    let (_, headers, _) = call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await;
-    assert_eq!(headers["etag"], "\"3\"", "a hand edit is the next revision");
+    let (_, headers, body) = call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await;
+    assert_eq!(body["revision"], 3, "a hand edit is the next revision");
+    let first_edit = headers["etag"].clone();
+    assert!(first_edit.starts_with("\"3-"), "and its tag names its content: {first_edit}");
+    // a second hand edit has the same revision number (neither is recorded yet) but not the
+    // same tag: a write made against the first is refused
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("remark = \"by hand\"", "remark = \"by hand, twice\"")).unwrap();
+    let (_, headers, body) = call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await;
+    let second_edit = headers["etag"].clone();
+    assert_eq!((body["revision"].as_u64(), second_edit != first_edit), (Some(3), true), "{second_edit}");
+    let stale = json!({"action": "open"});
+    let (status, headers, _) =
+        call(admin, "PUT", "/v1/apps/shop/action", &[("If-Match", first_edit.as_str())], Some(stale), EDITOR).await;
+    assert_eq!((status, &headers["etag"]), (412, &second_edit));
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("remark = \"by hand, twice\"", "remark = \"by hand\"")).unwrap();
     let (_, _, body) = call(admin, "GET", "/v1/apps/shop/history", &[], None, VIEWER).await;
     let newest = &body["revisions"][0];
     assert_eq!(
@@ -372,7 +390,13 @@ async fn edits_by_hand_show_up_in_the_history_as_changes_by_file() {
     assert_eq!(newest["after"]["server_domains"][1]["remark"], "by hand");
     // the next API write records it for good, then itself
     let action = json!({"action": "report"});
-    assert_eq!(call(admin, "PUT", "/v1/apps/shop/action", &[("If-Match", "\"3\"")], Some(action), EDITOR).await.0, 200);
+    let (_, headers, _) = call(admin, "GET", "/v1/apps/shop", &[], None, VIEWER).await;
+    let tag = headers["etag"].clone();
+    assert_eq!(tag, first_edit, "the same content, the same tag");
+    assert_eq!(
+        call(admin, "PUT", "/v1/apps/shop/action", &[("If-Match", tag.as_str())], Some(action), EDITOR).await.0,
+        200
+    );
     let (_, _, body) = call(admin, "GET", "/v1/apps/shop/history", &[], None, VIEWER).await;
     let users: Vec<(u64, &str)> = body["revisions"]
         .as_array()

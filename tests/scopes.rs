@@ -478,10 +478,11 @@ async fn consent_survives_reloads_and_restarts_and_goes_with_its_app() {
     assert_eq!(verdict(&decide(admin, ask).await), ("deny", "scope_denied", false));
 
     // deleting the miniapp deletes its records; a new app of the same id starts afresh
-    let (status, _, _) = admin_request(admin, "GET", "/v1/apps/wx", None, Some(VIEWER)).await;
+    let (status, headers, _) = admin_request(admin, "GET", "/v1/apps/wx", None, Some(VIEWER)).await;
     assert_eq!(status, 200);
     let delete = format!(
-        "DELETE /v1/apps/wx HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nAuthorization: Bearer {EDITOR}\r\nIf-Match: \"1\"\r\nContent-Length: 0\r\n\r\n"
+        "DELETE /v1/apps/wx HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nAuthorization: Bearer {EDITOR}\r\nIf-Match: {}\r\nContent-Length: 0\r\n\r\n",
+        headers["etag"]
     );
     assert_eq!(send_raw(admin, &delete).await.status, 204);
     let kept = std::fs::read_to_string(gw.dir.path().join("consent.json")).unwrap();

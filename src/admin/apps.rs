@@ -48,13 +48,13 @@ impl List {
 }
 
 /// What a request asks of the app's revision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Precondition {
     None,
     /// `If-None-Match: *`: the app must not exist.
     Absent,
-    /// `If-Match: "N"`.
-    Revision(u64),
+    /// `If-Match: "N"` (or `"N-<hash>"` for an app changed by hand): the entity tag, unquoted.
+    Tag(String),
 }
 
 fn precondition(req: &Request<Incoming>) -> Result<Precondition, Response<Body>> {
@@ -62,14 +62,21 @@ fn precondition(req: &Request<Incoming>) -> Result<Precondition, Response<Body>>
         return Ok(Precondition::Absent);
     }
     let Some(value) = req.headers().get(IF_MATCH) else { return Ok(Precondition::None) };
-    let text = value.to_str().unwrap_or("").trim().trim_start_matches("W/").trim_matches('"');
-    text.parse()
-        .map(Precondition::Revision)
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "If-Match takes an app's revision as its ETag shows it: \"N\""))
+    let text = value.to_str().unwrap_or("").trim().trim_matches('"');
+    let (revision, hash) = text.split_once('-').unwrap_or((text, ""));
+    let valid = revision.parse::<u64>().is_ok()
+        && (hash.is_empty() || (hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit())));
+    if !valid {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "If-Match takes the app's ETag as GET shows it: \"N\" (or \"N-<hash>\")",
+        ));
+    }
+    Ok(Precondition::Tag(text.to_owned()))
 }
 
-fn etag(revision: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits and quotes")
+fn etag(tag: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{tag}\"")).expect("digits, a dash, hex and quotes")
 }
 
 /// An app as answered: the document, its revision, and (after a write) the generation.
@@ -80,7 +87,7 @@ fn app_response(status: StatusCode, stored: &Stored, generation: Option<u64>) ->
         value["generation"] = json!(generation);
     }
     let mut response = json_response(status, &value);
-    response.headers_mut().insert(ETAG, etag(stored.revision));
+    response.headers_mut().insert(ETAG, etag(&stored.tag()));
     response
 }
 
@@ -413,7 +420,8 @@ impl Write<'_> {
 }
 
 async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<Body> {
-    let Write { shared, reloader, who, id, pre, dry_run } = write;
+    let Write { shared, reloader, who, id, dry_run, .. } = write;
+    let pre = write.pre.clone();
     if !crate::policy::is_valid_app_id(id) {
         return error(StatusCode::BAD_REQUEST, "an app id is 1 to 64 characters of A-Z a-z 0-9 _ - .");
     }
@@ -427,27 +435,32 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app: {e}")),
     };
     let revision = current.as_ref().map(|stored| stored.revision);
-    let stale = |current: Option<u64>| {
+    let stale = |current: Option<&Stored>| {
         let mut response = json_response(
             StatusCode::PRECONDITION_FAILED,
-            &json!({ "error": "the app changed since that revision (or does not exist)", "revision": current }),
+            &json!({
+                "error": "the app changed since that revision (or does not exist)",
+                "revision": current.map(|stored| stored.revision),
+            }),
         );
         if let Some(current) = current {
-            response.headers_mut().insert(ETAG, etag(current));
+            response.headers_mut().insert(ETAG, etag(&current.tag()));
         }
         response
     };
     let whole = matches!(change, Change::Replace(_) | Change::Delete);
     let kind = change.kind(current.is_some());
     let before = current.as_ref().map(|stored| &stored.doc);
-    match (pre, revision) {
-        (Precondition::Absent, Some(current)) | (Precondition::Revision(_), Some(current))
-            if pre != Precondition::Revision(current) =>
-        {
-            write.note(store, kind, "precondition_failed", Some(current));
-            return stale(Some(current));
+    match (&pre, &current) {
+        (Precondition::Absent, Some(found)) => {
+            write.note(store, kind, "precondition_failed", revision);
+            return stale(Some(found));
         }
-        (Precondition::Revision(_), None) => {
+        (Precondition::Tag(tag), Some(found)) if *tag != found.tag() => {
+            write.note(store, kind, "precondition_failed", revision);
+            return stale(Some(found));
+        }
+        (Precondition::Tag(_), None) => {
             write.note(store, kind, "precondition_failed", None);
             return stale(None);
         }
@@ -488,7 +501,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     let shown = doc.map(|mut doc| {
         doc.has_token = doc.token.as_ref().is_some_and(Option::is_some);
         doc.has_secret = doc.secret.as_ref().is_some_and(Option::is_some);
-        Stored { doc, revision: next, text: String::new() }
+        Stored { doc, revision: next, text: String::new(), edited: None }
     });
     if dry_run {
         write.note(store, kind, "dry_run", Some(next));
