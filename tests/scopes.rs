@@ -14,7 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const EDITOR: &str = "editor-token";
+/// A miniapp container's user: a viewer bound to the test's apps (all but `other`).
 const VIEWER: &str = "viewer-token";
+/// A viewer bound to no app: it reads, and records no consent.
+const MONITOR: &str = "monitor-token";
 
 const USERS: &str = r#"
 [[user]]
@@ -79,9 +82,16 @@ role = "editor"
 name = "rig"
 token_sha256 = "{viewer}"
 role = "viewer"
+apps = ["wx", "sa", "mp", "rep", "cam", "ghost"]
+
+[[admin_user]]
+name = "mon"
+token_sha256 = "{monitor}"
+role = "viewer"
 "#,
         editor = token_hash(EDITOR),
-        viewer = token_hash(VIEWER)
+        viewer = token_hash(VIEWER),
+        monitor = token_hash(MONITOR)
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("apps")).unwrap();
@@ -563,4 +573,35 @@ async fn the_example_container_shim_runs_its_scenario() {
     assert_eq!(verdict(&line("shimsuper scan, camera allowed by the host")), ("allow", "scope_granted", false));
     assert_eq!(line("backend exchange (200)")["fields"], json!({"nickname": "Ada"}));
     assert_eq!(line("backend exchange again (400)")["reason"], "code_unknown");
+}
+
+#[tokio::test]
+async fn a_container_acts_for_its_own_apps_and_a_plain_viewer_records_no_consent() {
+    let gw = gateway("prompter = \"pending\"").await;
+    let admin = gw.admin();
+    let ask = json!({"app": "wx", "user": "alice", "api": "getLocation", "wait": false});
+    // a viewer bound to no app may not make the calls that record consent
+    for (path, body) in [
+        ("/v1/scopes/decide", ask.clone()),
+        ("/v1/scopes/authorize", json!({"app": "wx", "user": "alice", "scope": "scope.userLocation", "wait": false})),
+        ("/v1/auth-codes", json!({"app": "sa", "user": "alice", "scopes": ["auth_base"]})),
+    ] {
+        let (status, answer) = call(admin, "POST", path, Some(body), MONITOR).await;
+        assert_eq!(status, 403, "{path}: {answer}");
+    }
+    // the container's user may, for its own apps only
+    assert_eq!(call(admin, "POST", "/v1/scopes/decide", Some(ask), VIEWER).await.0, 200);
+    let elsewhere = json!({"app": "other", "user": "alice", "scopes": ["auth_base"]});
+    let (status, answer) = call(admin, "POST", "/v1/auth-codes", Some(elsewhere), VIEWER).await;
+    assert_eq!(status, 403, "{answer}");
+    for path in
+        ["/v1/scopes/history?app=other", "/v1/scopes/settings?app=other&user=alice", "/v1/scopes/prompts?app=other"]
+    {
+        assert_eq!(call(admin, "GET", path, None, VIEWER).await.0, 403, "{path}");
+    }
+    // and it sees only its own apps' prompts; the plain viewer sees them all
+    let (_, mine) = call(admin, "GET", "/v1/scopes/prompts", None, VIEWER).await;
+    assert!(mine["prompts"].as_array().unwrap().iter().all(|p| p["app"] != "other"));
+    let (status, _) = call(admin, "GET", "/v1/scopes/prompts", None, MONITOR).await;
+    assert_eq!(status, 200);
 }

@@ -179,8 +179,14 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         (&Method::POST, "/-/reload") => Role::Admin,
         (&Method::POST, p) if p.starts_with("/v1/apps/") && p.ends_with("/rollback") => Role::Admin,
         (&Method::GET, _) | (&Method::POST, "/v1/check") => Role::Viewer,
-        // A container's calls: they record only what the configured prompter answers.
-        (&Method::POST, "/v1/scopes/decide" | "/v1/scopes/authorize" | "/v1/auth-codes") => Role::Viewer,
+        // A container's calls, which may record consent (what the configured prompter
+        // answers): a user bound to the app (`apps = [...]`, checked below), or an editor.
+        (&Method::POST, "/v1/scopes/decide" | "/v1/scopes/authorize" | "/v1/auth-codes")
+            if user.is_some_and(|user| user.apps.is_some()) =>
+        {
+            Role::Viewer
+        }
+        (&Method::POST, "/v1/scopes/decide" | "/v1/scopes/authorize" | "/v1/auth-codes") => Role::Editor,
         // Stating the user's answer: openSetting, a rig answering a prompt.
         (&Method::PUT, "/v1/scopes/settings") => Role::Editor,
         (&Method::POST, p) if p.starts_with("/v1/scopes/prompts/") => Role::Editor,
@@ -202,6 +208,8 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         return error(StatusCode::FORBIDDEN, &message);
     }
     let policy = &snapshot.config.policy;
+    // The apps a container's user may act for (scope calls and consent reads).
+    let bound = user.and_then(|user| user.apps.as_deref());
     match (&method, path.as_str()) {
         (&Method::POST, "/-/reload") => {
             let user = user.map_or("anonymous", |u| u.name.as_str());
@@ -264,21 +272,23 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             apps::write(req, shared, reloader, &caller.state.writes, &who, &id, &rest).await
         }
         (&Method::POST, "/v1/check") => check(req, policy, reloader).await,
-        (&Method::POST, "/v1/scopes/decide") => scopes::decide(req, &shared.scopes, &snapshot.config).await,
-        (&Method::POST, "/v1/scopes/authorize") => scopes::authorize(req, &shared.scopes, &snapshot.config).await,
-        (&Method::GET, "/v1/scopes/settings") => scopes::settings(&req, &shared.scopes, &snapshot.config),
+        (&Method::POST, "/v1/scopes/decide") => scopes::decide(req, &shared.scopes, &snapshot.config, bound).await,
+        (&Method::POST, "/v1/scopes/authorize") => {
+            scopes::authorize(req, &shared.scopes, &snapshot.config, bound).await
+        }
+        (&Method::GET, "/v1/scopes/settings") => scopes::settings(&req, &shared.scopes, &snapshot.config, bound),
         (&Method::PUT, "/v1/scopes/settings") => {
             let who = user.map_or("anonymous", |u| u.name.as_str());
             scopes::change_setting(req, &shared.scopes, &snapshot.config, who).await
         }
-        (&Method::GET, "/v1/scopes/prompts") => scopes::prompts(&req, &shared.scopes),
+        (&Method::GET, "/v1/scopes/prompts") => scopes::prompts(&req, &shared.scopes, bound),
         (&Method::POST, p) if p.starts_with("/v1/scopes/prompts/") => {
             let id = p["/v1/scopes/prompts/".len()..].to_owned();
             let who = user.map_or("anonymous", |u| u.name.as_str());
             scopes::answer(req, &shared.scopes, &id, who).await
         }
-        (&Method::GET, "/v1/scopes/history") => scopes::history(&req, &shared.scopes),
-        (&Method::POST, "/v1/auth-codes") => scopes::issue_code(req, &shared.scopes, &snapshot.config).await,
+        (&Method::GET, "/v1/scopes/history") => scopes::history(&req, &shared.scopes, bound),
+        (&Method::POST, "/v1/auth-codes") => scopes::issue_code(req, &shared.scopes, &snapshot.config, bound).await,
         (&Method::GET, "/v1/openapi.json") => respond(StatusCode::OK, "application/json", OPENAPI.as_bytes().to_vec()),
         (&Method::GET, "/proxy.pac") => {
             let proxy = pac_proxy(&req, &shared.proxy_addr, caller.local.ip());

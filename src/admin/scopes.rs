@@ -73,8 +73,23 @@ impl CallBody {
     }
 }
 
+/// The apps a user bound to apps may act for, or `None` for any.
+type Bound<'a> = Option<&'a [Box<str>]>;
+
+/// `403` when `app` is not one of the apps a bound user acts for.
+fn outside(bound: Bound<'_>, app: &str) -> Option<Response<Body>> {
+    bound
+        .filter(|apps| !apps.iter().any(|allowed| &**allowed == app))
+        .map(|_| error(StatusCode::FORBIDDEN, &format!("this user acts for its own apps (apps = [...]), not {app:?}")))
+}
+
 /// `POST /v1/scopes/decide`: `{"app","user","api","system_permission"?,"wait"?}`.
-pub(crate) async fn decide(req: Request<Incoming>, service: &Arc<ScopeService>, config: &Config) -> Response<Body> {
+pub(crate) async fn decide(
+    req: Request<Incoming>,
+    service: &Arc<ScopeService>,
+    config: &Config,
+    bound: Bound<'_>,
+) -> Response<Body> {
     let shape = "{\"app\",\"user\",\"api\",\"system_permission\"?,\"wait\"?}";
     let body: CallBody = match parse(req, shape).await {
         Ok(body) => body,
@@ -83,6 +98,9 @@ pub(crate) async fn decide(req: Request<Incoming>, service: &Arc<ScopeService>, 
     let (Some(api), None, None) = (&body.api, &body.scope, &body.scopes) else {
         return error(StatusCode::BAD_REQUEST, &format!("send {shape}"));
     };
+    if let Some(refusal) = outside(bound, &body.app) {
+        return refusal;
+    }
     let ask = match body.ask() {
         Ok(ask) => ask,
         Err(refusal) => return refusal,
@@ -98,7 +116,12 @@ pub(crate) async fn decide(req: Request<Incoming>, service: &Arc<ScopeService>, 
 }
 
 /// `POST /v1/scopes/authorize`: `{"app","user","scope","system_permission"?,"wait"?}`.
-pub(crate) async fn authorize(req: Request<Incoming>, service: &Arc<ScopeService>, config: &Config) -> Response<Body> {
+pub(crate) async fn authorize(
+    req: Request<Incoming>,
+    service: &Arc<ScopeService>,
+    config: &Config,
+    bound: Bound<'_>,
+) -> Response<Body> {
     let shape = "{\"app\",\"user\",\"scope\",\"system_permission\"?,\"wait\"?}";
     let body: CallBody = match parse(req, shape).await {
         Ok(body) => body,
@@ -107,6 +130,9 @@ pub(crate) async fn authorize(req: Request<Incoming>, service: &Arc<ScopeService
     let (None, Some(scope), None) = (&body.api, &body.scope, &body.scopes) else {
         return error(StatusCode::BAD_REQUEST, &format!("send {shape}"));
     };
+    if let Some(refusal) = outside(bound, &body.app) {
+        return refusal;
+    }
     let ask = match body.ask() {
         Ok(ask) => ask,
         Err(refusal) => return refusal,
@@ -122,7 +148,12 @@ pub(crate) async fn authorize(req: Request<Incoming>, service: &Arc<ScopeService
 }
 
 /// `POST /v1/auth-codes`: `{"app","user","scopes":[…],"wait"?}`.
-pub(crate) async fn issue_code(req: Request<Incoming>, service: &Arc<ScopeService>, config: &Config) -> Response<Body> {
+pub(crate) async fn issue_code(
+    req: Request<Incoming>,
+    service: &Arc<ScopeService>,
+    config: &Config,
+    bound: Bound<'_>,
+) -> Response<Body> {
     let shape = "{\"app\",\"user\",\"scopes\":[…],\"wait\"?}";
     let body: CallBody = match parse(req, shape).await {
         Ok(body) => body,
@@ -131,6 +162,9 @@ pub(crate) async fn issue_code(req: Request<Incoming>, service: &Arc<ScopeServic
     let (None, None, Some(scopes)) = (&body.api, &body.scope, &body.scopes) else {
         return error(StatusCode::BAD_REQUEST, &format!("send {shape}"));
     };
+    if let Some(refusal) = outside(bound, &body.app) {
+        return refusal;
+    }
     let ask = match body.ask() {
         Ok(ask) => ask,
         Err(refusal) => return refusal,
@@ -205,10 +239,18 @@ fn query(req: &Request<Incoming>) -> (Option<String>, Option<String>) {
 }
 
 /// `GET /v1/scopes/settings?app=&user=` (getSetting).
-pub(crate) fn settings(req: &Request<Incoming>, service: &ScopeService, config: &Config) -> Response<Body> {
+pub(crate) fn settings(
+    req: &Request<Incoming>,
+    service: &ScopeService,
+    config: &Config,
+    bound: Bound<'_>,
+) -> Response<Body> {
     let (Some(app), Some(user)) = query(req) else {
         return error(StatusCode::BAD_REQUEST, "name the app and the user: ?app=ID&user=USER");
     };
+    if let Some(refusal) = outside(bound, &app) {
+        return refusal;
+    }
     match service.settings(config, &app, &user) {
         Ok(value) => json_response(StatusCode::OK, &value),
         Err(e) => failed(&e),
@@ -246,9 +288,16 @@ pub(crate) async fn change_setting(
 }
 
 /// `GET /v1/scopes/prompts[?app=]`.
-pub(crate) fn prompts(req: &Request<Incoming>, service: &ScopeService) -> Response<Body> {
+pub(crate) fn prompts(req: &Request<Incoming>, service: &ScopeService, bound: Bound<'_>) -> Response<Body> {
     let (app, _) = query(req);
-    json_response(StatusCode::OK, &json!({ "prompts": service.prompts(app.as_deref()) }))
+    if let Some(refusal) = app.as_deref().and_then(|app| outside(bound, app)) {
+        return refusal;
+    }
+    let mut prompts = service.prompts(app.as_deref());
+    if let Some(apps) = bound {
+        prompts.retain(|prompt| apps.iter().any(|allowed| **allowed == *prompt.app));
+    }
+    json_response(StatusCode::OK, &json!({ "prompts": prompts }))
 }
 
 #[derive(Deserialize)]
@@ -285,10 +334,13 @@ pub(crate) async fn answer(req: Request<Incoming>, service: &ScopeService, id: &
 }
 
 /// `GET /v1/scopes/history?app=[&user=]`: the consent changes of an app, newest first.
-pub(crate) fn history(req: &Request<Incoming>, service: &ScopeService) -> Response<Body> {
+pub(crate) fn history(req: &Request<Incoming>, service: &ScopeService, bound: Bound<'_>) -> Response<Body> {
     let (Some(app), user) = query(req) else {
         return error(StatusCode::BAD_REQUEST, "name the app: ?app=ID[&user=USER]");
     };
+    if let Some(refusal) = outside(bound, &app) {
+        return refusal;
+    }
     match service.history(&app, user.as_deref()) {
         Ok(changes) => json_response(StatusCode::OK, &json!({ "app": app, "changes": changes })),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the consent history: {e}")),

@@ -143,6 +143,9 @@ pub struct AdminUser {
     pub name: String,
     pub token_sha256: [u8; 32],
     pub role: Role,
+    /// `apps`: a miniapp container's user, which makes scope calls (that record consent) for
+    /// these apps only, and reads their consent only. `None`: not bound to apps.
+    pub apps: Option<Vec<Box<str>>>,
 }
 
 /// The SHA-256 of a bearer token, as `[[admin_user]].token_sha256` holds it.

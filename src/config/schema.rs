@@ -104,6 +104,8 @@ pub struct RawAdminUser {
     pub name: Spanned<String>,
     pub token_sha256: Spanned<String>,
     pub role: Spanned<String>,
+    /// A miniapp container's user: the apps it may act for in scope calls.
+    pub apps: Option<Vec<Spanned<String>>>,
 }
 
 /// A file in `apps_dir`: nothing but `[[app]]` tables.

@@ -808,7 +808,7 @@ impl Validator {
         let mut users: Vec<AdminUser> = Vec::with_capacity(raw.admin_user.len() + 1);
         if let Some(token) = admin_token {
             let hash = super::token_sha256(token);
-            users.push(AdminUser { name: "admin".to_owned(), token_sha256: hash, role: Role::Admin });
+            users.push(AdminUser { name: "admin".to_owned(), token_sha256: hash, role: Role::Admin, apps: None });
         }
         for user in &raw.admin_user {
             let name = user.name.get_ref();
@@ -840,7 +840,17 @@ impl Validator {
                 self.error(main, user.token_sha256.span(), "two admin users have the same token");
                 continue;
             }
-            users.push(AdminUser { name: name.clone(), token_sha256: hash, role });
+            let apps = user.apps.as_ref().map(|apps| {
+                for app in apps.iter().filter(|app| !policy::is_valid_app_id(app.get_ref())) {
+                    self.error(
+                        main,
+                        app.span(),
+                        format!("app id {:?} must be 1 to 64 characters of A-Z a-z 0-9 _ - .", app.get_ref()),
+                    );
+                }
+                apps.iter().map(|app| app.get_ref().as_str().into()).collect()
+            });
+            users.push(AdminUser { name: name.clone(), token_sha256: hash, role, apps });
         }
         users
     }
