@@ -212,6 +212,9 @@ async fn every_route_answers_as_the_openapi_document_says() {
     assert_eq!(api.call("POST", rollback, "/v1/apps/fresh/rollback", "", Some(json!({"revision": 99}))).await, 404);
     let check = json!({"app": "fresh", "channel": "request", "url": "https://b.example/"});
     assert_eq!(api.call("POST", "/v1/check", "/v1/check", "", Some(check)).await, 200);
+    // a draft of an app the API may not write (the main config's) is refused as its writes are
+    let main_draft = json!({"app": {"id": "main"}, "api": "scan"});
+    assert_eq!(api.call("POST", "/v1/check", "/v1/check", "", Some(main_draft)).await, 409);
     let draft = json!({"app": {"id": "draft", "server_domains": ["d.example"]}, "api": "shop.pay"});
     assert_eq!(api.call("POST", "/v1/check", "/v1/check", "", Some(draft)).await, 200);
     assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "", None).await, 428);

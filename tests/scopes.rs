@@ -605,3 +605,43 @@ async fn a_container_acts_for_its_own_apps_and_a_plain_viewer_records_no_consent
     let (status, _) = call(admin, "GET", "/v1/scopes/prompts", None, MONITOR).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn one_user_holds_a_few_codes_and_wrong_secrets_lock_out_no_operator() {
+    let gw = gateway("prompter = \"allow\"").await;
+    let admin = gw.admin();
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let (status, issued) = issue(admin, "sa", "alice", &["auth_base"]).await;
+        assert_eq!(status, 200, "{issued}");
+        codes.push(issued["code"].clone());
+    }
+    // the sixth voided the oldest: asking again and again fills nothing
+    assert_eq!(exchange(admin, "sa", "sa-secret", &codes[0]).await.1["reason"], "code_unknown");
+    assert_eq!(exchange(admin, "sa", "sa-secret", &codes[5]).await.0, 200);
+    // wrong secrets are throttled at the exchange, and only there
+    let mut throttled = false;
+    for _ in 0..100 {
+        if exchange(admin, "sa", "guess", &codes[4]).await.0 == 429 {
+            throttled = true;
+            break;
+        }
+    }
+    assert!(throttled, "wrong secrets were never throttled");
+    assert_eq!(call(admin, "GET", "/v1/apps", None, EDITOR).await.0, 200, "an operator on the same address is not");
+}
+
+#[tokio::test]
+async fn one_apps_callers_cannot_take_every_prompt() {
+    let gw = gateway("prompter = \"pending\"").await;
+    let admin = gw.admin();
+    let ask = |app: &str, user: String| json!({"app": app, "user": user, "api": "getLocation", "wait": false});
+    let cap = miniapp_gateway::scopes::service::MAX_PENDING_PROMPTS_PER_APP;
+    for n in 0..cap {
+        assert_eq!(decide(admin, ask("wx", format!("u{n}"))).await["decision"], "prompt");
+    }
+    let over = decide(admin, ask("wx", "one-more".into())).await;
+    assert_eq!((over["decision"].as_str(), over["reason"].as_str()), (Some("deny"), Some("prompt_failed")), "{over}");
+    // another app still asks its users
+    assert_eq!(decide(admin, ask("sa", "alice".into())).await["decision"], "prompt");
+}

@@ -127,6 +127,9 @@ pub(crate) async fn serve(
 struct AdminState {
     /// Failed authentication per client address.
     throttle: AuthThrottle,
+    /// Wrong app secrets at the code exchange, apart: an app backend guessing does not lock
+    /// out the operators and containers that share its address.
+    exchange_throttle: AuthThrottle,
     /// App writes, one at a time.
     writes: apps::WriteLock,
     /// Event streams open at once (each holds a connection for as long as it is read).

@@ -196,7 +196,7 @@ pub(crate) async fn exchange(
         Err(refusal) => return refusal,
     };
     let ip = caller.client.ip();
-    if let Err(wait) = caller.state.throttle.check(ip, &body.app) {
+    if let Err(wait) = caller.state.exchange_throttle.check(ip, &body.app) {
         let mut response = error(StatusCode::TOO_MANY_REQUESTS, "too many wrong secrets from this address; wait");
         response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
         return response;
@@ -206,7 +206,7 @@ pub(crate) async fn exchange(
         Err(e) => {
             let status = match e {
                 ExchangeError::BadSecret => {
-                    caller.state.throttle.failed(ip, &body.app);
+                    caller.state.exchange_throttle.failed(ip, &body.app);
                     StatusCode::UNAUTHORIZED
                 }
                 ExchangeError::UnknownCode | ExchangeError::Expired | ExchangeError::OtherApp => {

@@ -34,6 +34,10 @@ use crate::policy::{Action, App, Policy};
 
 /// Prompts waiting at once; beyond it a call that needs one fails (`prompt_failed`).
 pub const MAX_PENDING_PROMPTS: usize = 1024;
+/// Prompts one app may have waiting at once: one app's callers cannot take every other app's.
+pub const MAX_PENDING_PROMPTS_PER_APP: usize = 128;
+/// Outstanding auth codes of one (app, user): the oldest goes when a new one comes.
+pub const MAX_AUTH_CODES_PER_USER: usize = 5;
 /// Calls waiting for a prompt's answer at once. Each holds an admin connection, and the admin
 /// listener serves 64: beyond this, a call answers `prompt` at once (as with `"wait": false`),
 /// so that a rig can always connect to answer.
@@ -454,6 +458,10 @@ impl ScopeService {
                 None if prompts.len() >= MAX_PENDING_PROMPTS => {
                     return Ok(Prompted::Failed(format!("{MAX_PENDING_PROMPTS} prompts are already waiting")));
                 }
+                None if prompts.values().filter(|p| p.view.app == key.0).count() >= MAX_PENDING_PROMPTS_PER_APP => {
+                    let message = format!("{MAX_PENDING_PROMPTS_PER_APP} prompts of app {} are already waiting", key.0);
+                    return Ok(Prompted::Failed(message));
+                }
                 None => {
                     let id = random_hex(8)?;
                     let expires = now + settings.prompt_timeout;
@@ -661,6 +669,19 @@ impl ScopeService {
             let mut codes = lock(&self.codes);
             let now = Instant::now();
             codes.retain(|_, code| code.expires > now);
+            // One user's codes are few: asking again voids the oldest, so no caller can fill
+            // the table that every app shares.
+            let mut theirs: Vec<(String, Instant)> = codes
+                .iter()
+                .filter(|(_, code)| code.app == *app.id && code.user == ask.user)
+                .map(|(key, code)| (key.clone(), code.expires))
+                .collect();
+            if theirs.len() >= MAX_AUTH_CODES_PER_USER {
+                theirs.sort_by_key(|(_, expires)| *expires);
+                for (key, _) in theirs.iter().take(theirs.len() + 1 - MAX_AUTH_CODES_PER_USER) {
+                    codes.remove(key);
+                }
+            }
             if codes.len() >= MAX_AUTH_CODES {
                 return Err(ServiceError::TooManyCodes);
             }
@@ -699,7 +720,11 @@ impl ScopeService {
             .policy
             .app(app_id)
             .and_then(|app| app.secret.as_deref())
-            .is_some_and(|expected| bool::from(expected.as_bytes().ct_eq(secret.as_bytes())));
+            // Digests of equal length: the comparison tells nothing of the secret's length.
+            .is_some_and(|expected| {
+                let (expected, given) = (crate::config::token_sha256(expected), crate::config::token_sha256(secret));
+                bool::from(expected.ct_eq(&given))
+            });
         if !secret_ok {
             return Err(ExchangeError::BadSecret);
         }
