@@ -155,46 +155,19 @@ fn with_port(host: &str, port: u16) -> String {
     if port == 443 { format!("https://{host}") } else { format!("https://{host}:{port}") }
 }
 
-/// Two-label public suffixes common enough to guard against (a wildcard over one would let
-/// through every site registered under it). Not the whole Public Suffix List: the gateway
-/// ships no copy of it, so an operator still reads what the console offers.
-const TWO_LABEL_SUFFIXES: &[&str] = &[
-    "appspot.com",
-    "azurewebsites.net",
-    "blogspot.com",
-    "cloudfront.net",
-    "github.io",
-    "gitlab.io",
-    "herokuapp.com",
-    "netlify.app",
-    "pages.dev",
-    "vercel.app",
-    "workers.dev",
-];
-
-/// Second-level labels under which two-letter country domains register names (`co.uk`,
-/// `com.cn`, `ne.jp`, …).
-const COUNTRY_SECOND_LEVELS: &[&str] = &["ac", "co", "com", "edu", "go", "gov", "ne", "net", "or", "org"];
-
-/// `*.parent` for `host`, when `parent` (host without its first label) is not a top-level
-/// domain or a known public suffix, so the wildcard covers one site rather than everyone's.
+/// `*.parent` for `host`, when `parent` (host without its first label) is not itself a public
+/// suffix (the Public Suffix List, private domains included): a wildcard over `co.uk`,
+/// `github.io` or `s3.amazonaws.com` would let through every site registered under it.
 pub fn wildcard_parent(host: &str) -> Option<String> {
     if host.parse::<std::net::IpAddr>().is_ok() {
         return None;
     }
     let (_, parent) = host.split_once('.')?;
-    let labels: Vec<&str> = parent.split('.').collect();
-    if labels.len() < 2 || labels.iter().any(|label| label.is_empty()) {
+    if !parent.contains('.') || parent.split('.').any(str::is_empty) {
         return None;
     }
-    if labels.len() == 2 {
-        let public = TWO_LABEL_SUFFIXES.contains(&parent)
-            || (labels[1].len() == 2 && COUNTRY_SECOND_LEVELS.contains(&labels[0]));
-        if public {
-            return None;
-        }
-    }
-    Some(format!("*.{parent}"))
+    let public = psl::suffix(parent.as_bytes()).is_some_and(|suffix| suffix.as_bytes() == parent.as_bytes());
+    (!public).then(|| format!("*.{parent}"))
 }
 
 #[cfg(test)]
@@ -254,7 +227,19 @@ mod tests {
     fn wildcards_are_offered_below_public_suffixes_only() {
         assert_eq!(wildcard_parent("cdn.img.shop.example").as_deref(), Some("*.img.shop.example"));
         assert_eq!(wildcard_parent("api.shop.example").as_deref(), Some("*.shop.example"));
-        for host in ["shop.example", "example", "a.co.uk", "x.com.cn", "me.github.io", "10.0.0.1"] {
+        let public = [
+            "shop.example",
+            "example",
+            "a.co.uk",
+            "x.com.cn",
+            "me.github.io",
+            "10.0.0.1",
+            "x.firebaseapp.com",
+            "bucket.s3.amazonaws.com",
+            "abc.ngrok.io",
+            "site.web.app",
+        ];
+        for host in public {
             assert_eq!(wildcard_parent(host), None, "{host}");
         }
         assert_eq!(wildcard_parent("a.shop.co.uk").as_deref(), Some("*.shop.co.uk"));
