@@ -131,6 +131,25 @@ impl AuditLog {
         (1..).map(|n| self.rotated(n)).take_while(|path| path.exists()).collect()
     }
 
+    /// An exclusive lock (flock) on `<log>.lock`, held until dropped.
+    fn lock_file(&self) -> std::io::Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(PathBuf::from(name))?;
+        // SAFETY: flock only takes the descriptor, which `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(file)
+    }
+
     fn sync_dir(&self) -> std::io::Result<()> {
         let dir = self.path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::File::open(dir)?.sync_all()
@@ -163,9 +182,16 @@ impl AuditLog {
     /// bytes written.
     fn append_line(&self, record: &impl Serialize) -> std::io::Result<(Option<FileId>, u64)> {
         let _one_at_a_time = self.append.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Other processes (an import, a replica on a shared volume) append too: one at a time,
+        // so that two never rotate to the same number.
+        let _one_process_at_a_time = self.lock_file()?;
         if std::fs::metadata(&self.path).is_ok_and(|meta| meta.len() >= ROTATE_AT) {
             let next = u32::try_from(self.rotations().len()).unwrap_or(u32::MAX - 1) + 1;
-            std::fs::rename(&self.path, self.rotated(next))?;
+            let rotated = self.rotated(next);
+            if rotated.exists() {
+                return Err(std::io::Error::other(format!("{} exists: not rotating over it", rotated.display())));
+            }
+            std::fs::rename(&self.path, rotated)?;
         }
         let new_file = !self.path.exists();
         let before = FileId::of(&self.path)?;

@@ -591,10 +591,17 @@ pub fn remove_stale_temporaries(dir: &Path, age: std::time::Duration) -> std::io
         let entry = entry?;
         let path = entry.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let old = entry.metadata()?.modified()?.elapsed().is_ok_and(|elapsed| elapsed >= age);
-        if old && name.starts_with('.') && name.ends_with(TEMP_SUFFIX) && name.contains(".toml.") {
-            std::fs::remove_file(&path)?;
-            removed += 1;
+        if !(name.starts_with('.') && name.ends_with(TEMP_SUFFIX) && name.contains(".toml.")) {
+            continue;
+        }
+        // One that vanished meanwhile (its writer renamed it) is no longer ours to remove.
+        let old = entry.metadata().ok().and_then(|meta| meta.modified().ok()).and_then(|time| time.elapsed().ok());
+        if old.is_some_and(|elapsed| elapsed >= age) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(removed)

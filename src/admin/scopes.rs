@@ -27,7 +27,7 @@ use crate::scopes::service::{Ask, ExchangeError, ScopeService, ServiceError};
 
 /// A user id as containers send it.
 fn valid_user(user: &str) -> bool {
-    !user.is_empty() && user.len() <= 128 && !user.chars().any(char::is_control)
+    !user.is_empty() && user.chars().count() <= 128 && !user.chars().any(char::is_control)
 }
 
 async fn parse<T: DeserializeOwned>(req: Request<Incoming>, shape: &str) -> Result<T, Response<Body>> {
@@ -228,9 +228,7 @@ fn query(req: &Request<Incoming>) -> (Option<String>, Option<String>) {
     for (key, value) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
         match &*key {
             "app" if crate::policy::is_valid_app_id(&value) => app = Some(value.into_owned()),
-            "user" if !value.is_empty() && value.chars().count() <= 128 && !value.chars().any(char::is_control) => {
-                user = Some(value.into_owned());
-            }
+            "user" if valid_user(&value) => user = Some(value.into_owned()),
             "app" | "user" => malformed = true,
             _ => {}
         }
