@@ -97,9 +97,11 @@ fn store(reloader: &Reloader) -> std::sync::Arc<dyn Store> {
 
 /// `GET /v1/apps/{id}` for an app the store can write: its document and revision. `None`
 /// for apps it cannot (the caller shows the policy's view).
-pub(crate) fn get(reloader: &Reloader, id: &str) -> Option<Response<Body>> {
-    if !crate::policy::is_valid_app_id(id) {
-        return None; // never a path outside apps_dir
+pub(crate) fn get(reloader: &Reloader, policy: &crate::policy::Policy, id: &str) -> Option<Response<Body>> {
+    // Never a path outside apps_dir; and an app the policy in force does not know is not
+    // looked for in every file of the store (a hostile client could ask for many).
+    if !crate::policy::is_valid_app_id(id) || policy.app(id).is_none() {
+        return None;
     }
     match store(reloader).place(id) {
         Ok(Place::Writable(stored)) => Some(app_response(StatusCode::OK, &stored, None)),

@@ -256,7 +256,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         }
         (&Method::GET, p) if p.starts_with("/v1/apps/") => {
             let id = &p["/v1/apps/".len()..];
-            if let Some(stored) = apps::get(reloader, id) {
+            if let Some(stored) = apps::get(reloader, policy, id) {
                 return stored;
             }
             match policy.app(id) {

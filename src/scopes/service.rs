@@ -318,14 +318,53 @@ impl ScopeService {
     /// Drop the consent records and auth codes of every app `policy` no longer has (an app
     /// deleted: WeChat keeps a denial "until the miniapp is deleted"). Called after a reload.
     pub fn forget_apps_not_in(&self, policy: &Policy) {
-        let gone: Vec<ConsentKey> =
-            lock(&self.consents).keys().filter(|(app, _, _)| policy.app(app).is_none()).cloned().collect();
-        for key in gone {
-            if let Err(e) = self.set_consent(key.clone(), Consent::NotAsked, "app_deleted", "reload") {
-                tracing::error!(error = %e, app = key.0, "cannot drop the consent records of a deleted app");
+        lock(&self.codes).retain(|_, code| policy.app(&code.app).is_some());
+        let mut consents = lock(&self.consents);
+        let gone: Vec<ConsentKey> = consents.keys().filter(|(app, _, _)| policy.app(app).is_none()).cloned().collect();
+        if gone.is_empty() {
+            return;
+        }
+        // Every record of the deleted apps in one write of the file (not one write a record).
+        let time = crate::audit::Record::now();
+        let changes: Vec<ConsentChange> = gone
+            .iter()
+            .map(|(app, user, scope)| ConsentChange {
+                time: time.clone(),
+                app: app.clone(),
+                user: user.clone(),
+                scope: scope.clone(),
+                before: consents
+                    .get(&(app.clone(), user.clone(), scope.clone()))
+                    .map_or(Consent::NotAsked, |c| c.state),
+                after: Consent::NotAsked,
+                cause: "app_deleted".to_owned(),
+                by: "reload".to_owned(),
+                outcome: "applied".to_owned(),
+            })
+            .collect();
+        for change in &changes {
+            if let Err(e) = self.history.append_value(change) {
+                tracing::error!(error = %e, app = change.app, "cannot record the consent records of a deleted app going");
+                return;
             }
         }
-        lock(&self.codes).retain(|_, code| policy.app(&code.app).is_some());
+        let mut next = consents.clone();
+        for key in &gone {
+            next.remove(key);
+        }
+        match self.write(&next) {
+            Ok(()) => {
+                *consents = next;
+                tracing::info!(records = gone.len(), "consent records of deleted apps dropped");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot drop the consent records of deleted apps");
+                for mut change in changes {
+                    change.outcome = "write_failed".to_owned();
+                    let _ = self.history.append_value(&change);
+                }
+            }
+        }
     }
 
     fn count(&self, app: &str, scope: Option<&str>, answer: &Answer) {
