@@ -10,6 +10,8 @@
 // A refusal is the response itself; these run once per admin request, far from the hot path.
 #![allow(clippy::result_large_err)]
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{ETAG, HeaderValue, IF_MATCH, IF_NONE_MATCH};
@@ -91,19 +93,30 @@ fn app_response(status: StatusCode, stored: &Stored, generation: Option<u64>) ->
     response
 }
 
-fn store(reloader: &Reloader) -> std::sync::Arc<dyn Store> {
+fn store(reloader: &Reloader) -> Arc<dyn Store> {
     reloader.store()
+}
+
+/// Run `f` on the store off the async workers: its reads and writes are file (or database)
+/// I/O, some of it synced, and must not hold up the proxy's tasks.
+async fn off<T: Send + 'static>(store: &Arc<dyn Store>, f: impl FnOnce(&dyn Store) -> T + Send + 'static) -> T {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// `GET /v1/apps/{id}` for an app the store can write: its document and revision. `None`
 /// for apps it cannot (the caller shows the policy's view).
-pub(crate) fn get(reloader: &Reloader, policy: &crate::policy::Policy, id: &str) -> Option<Response<Body>> {
+pub(crate) async fn get(reloader: &Reloader, policy: &crate::policy::Policy, id: &str) -> Option<Response<Body>> {
     // Never a path outside apps_dir; and an app the policy in force does not know is not
     // looked for in every file of the store (a hostile client could ask for many).
     if !crate::policy::is_valid_app_id(id) || policy.app(id).is_none() {
         return None;
     }
-    match store(reloader).place(id) {
+    let id = id.to_owned();
+    match off(&store(reloader), move |store| store.place(&id)).await {
         Ok(Place::Writable(stored)) => Some(app_response(StatusCode::OK, &stored, None)),
         _ => None,
     }
@@ -116,7 +129,8 @@ pub(crate) async fn draft(reloader: &Reloader, doc: AppDoc) -> Result<crate::con
         return Err(error(StatusCode::BAD_REQUEST, "a draft app needs an id: 1 to 64 characters of A-Z a-z 0-9 _ - ."));
     }
     let store = store(reloader);
-    if let Ok(Place::ReadOnly(file)) = store.place(&doc.id) {
+    let id = doc.id.clone();
+    if let Ok(Place::ReadOnly(file)) = off(&store, move |store| store.place(&id)).await {
         return Err(read_only(&doc.id, &file));
     }
     let rendered = store.render(&doc.id, Some(&doc), 1);
@@ -131,11 +145,12 @@ pub(crate) struct Who {
 }
 
 /// `GET /v1/apps/{id}/history`: the app's applied changes, newest first.
-pub(crate) fn history(reloader: &Reloader, id: &str) -> Response<Body> {
+pub(crate) async fn history(reloader: &Reloader, id: &str) -> Response<Body> {
     if !crate::policy::is_valid_app_id(id) {
         return error(StatusCode::NOT_FOUND, &format!("no app {id:?}"));
     }
-    match store(reloader).history(id) {
+    let owned = id.to_owned();
+    match off(&store(reloader), move |store| store.history(&owned)).await {
         Ok(records) => {
             // Consent changes are kept apart (they are the users', not the app's), and linked here.
             let consents = format!("/v1/scopes/history?app={id}");
@@ -215,8 +230,9 @@ pub(crate) async fn write(
         },
         (&Method::POST, ["rollback"]) => match parse::<RollbackBody>(&body) {
             Ok(RollbackBody { revision }) => {
-                let found = store(reloader)
-                    .history(id)
+                let owned = id.to_owned();
+                let found = off(&store(reloader), move |store| store.history(&owned))
+                    .await
                     .ok()
                     .and_then(|records| records.into_iter().find(|r| r.revision == Some(revision)));
                 match found {
@@ -416,8 +432,9 @@ impl Write<'_> {
 
     /// Keep the record of an attempt that changed nothing (a failure to keep it is logged by
     /// the store: the answer is the refusal either way).
-    fn note(&self, store: &dyn Store, kind: &str, outcome: &str, revision: Option<u64>) {
-        let _ = store.note(&self.record(kind, outcome, revision, None, None));
+    async fn note(&self, store: &Arc<dyn Store>, kind: &str, outcome: &str, revision: Option<u64>) {
+        let record = self.record(kind, outcome, revision, None, None);
+        let _ = off(store, move |store| store.note(&record)).await;
     }
 }
 
@@ -428,9 +445,9 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         return error(StatusCode::BAD_REQUEST, "an app id is 1 to 64 characters of A-Z a-z 0-9 _ - .");
     }
     let _one_at_a_time = lock.lock().await;
-    let store = store(reloader);
-    let store = store.as_ref();
-    let current = match store.place(id) {
+    let store = &store(reloader);
+    let owned = id.to_owned();
+    let current = match off(store, move |store| store.place(&owned)).await {
         Ok(Place::Writable(stored)) => Some(*stored),
         Ok(Place::Free) => None,
         Ok(Place::ReadOnly(file)) => return read_only(id, &file),
@@ -455,15 +472,15 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     let before = current.as_ref().map(|stored| &stored.doc);
     match (&pre, &current) {
         (Precondition::Absent, Some(found)) => {
-            write.note(store, kind, "precondition_failed", revision);
+            write.note(store, kind, "precondition_failed", revision).await;
             return stale(Some(found));
         }
         (Precondition::Tag(tag), Some(found)) if *tag != found.tag() => {
-            write.note(store, kind, "precondition_failed", revision);
+            write.note(store, kind, "precondition_failed", revision).await;
             return stale(Some(found));
         }
         (Precondition::Tag(_), None) => {
-            write.note(store, kind, "precondition_failed", None);
+            write.note(store, kind, "precondition_failed", None).await;
             return stale(None);
         }
         (Precondition::None, _) if whole => {
@@ -478,11 +495,12 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     let doc = match changed(id, before, change) {
         Ok(doc) => doc,
         Err(refusal) => {
-            write.note(store, kind, "refused", revision);
+            write.note(store, kind, "refused", revision).await;
             return refusal;
         }
     };
-    let next = match store.next_revision(id, current.as_ref()) {
+    let (owned, read) = (id.to_owned(), current.clone());
+    let next = match off(store, move |store| store.next_revision(&owned, read.as_ref())).await {
         Ok(next) => next,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app's history: {e}")),
     };
@@ -491,13 +509,13 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         && doc.token.as_ref().is_none_or(Option::is_none)
     {
         // A rollback or import of an app that had a token, where none is left to keep.
-        write.note(store, kind, "refused", revision);
+        write.note(store, kind, "refused", revision).await;
         let message = "the app had a token, which records do not keep: send it (\"token\") to restore the app";
         return error(StatusCode::UNPROCESSABLE_ENTITY, message);
     }
     let rendered = store.render(id, doc.as_ref(), next);
     if let Err(errors) = reloader.check_candidate(vec![(rendered.file.clone(), rendered.text.clone())]).await {
-        write.note(store, kind, "invalid", revision);
+        write.note(store, kind, "invalid", revision).await;
         return invalid(&errors, &rendered);
     }
     let shown = doc.map(|mut doc| {
@@ -506,7 +524,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         Stored { doc, revision: next, text: String::new(), edited: None }
     });
     if dry_run {
-        write.note(store, kind, "dry_run", Some(next));
+        write.note(store, kind, "dry_run", Some(next)).await;
         let mut value = shown.as_ref().map(|s| serde_json::to_value(&s.doc).unwrap_or_default()).unwrap_or(json!(null));
         if let Some(stored) = &shown {
             value["revision"] = json!(stored.revision);
@@ -514,10 +532,11 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         return json_response(StatusCode::OK, &json!({ "dry_run": true, "app": value }));
     }
     let record = write.record(kind, "applied", Some(next), before, shown.as_ref().map(|stored| &stored.doc));
-    match store.put(&rendered, current.as_ref(), &record) {
+    let (to_put, read) = (rendered.clone(), current.clone());
+    match off(store, move |store| store.put(&to_put, read.as_ref(), &record)).await {
         Ok(()) => {}
         Err(WriteError::Changed) => {
-            write.note(store, kind, "conflict", revision);
+            write.note(store, kind, "conflict", revision).await;
             let message = "the app's file changed since it was read (an edit by hand?): read it again and retry";
             return error(StatusCode::CONFLICT, message);
         }
@@ -535,7 +554,8 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         Err(errors) => {
             // Not in force, so not kept: the app goes back to what it was.
             let undone = write.record(kind, "reload_failed", Some(next), None, None);
-            let kept = match store.restore(&rendered, current.as_ref(), &undone) {
+            let (to_undo, previous) = (rendered.clone(), current.clone());
+            let kept = match off(store, move |store| store.restore(&to_undo, previous.as_ref(), &undone)).await {
                 Ok(()) => "the change was undone",
                 Err(_) => "and undoing it failed too",
             };

@@ -237,7 +237,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         }
         (&Method::GET, p) if p.starts_with("/v1/apps/") && p.ends_with("/history") => {
             let id = &p["/v1/apps/".len()..p.len() - "/history".len()];
-            apps::history(reloader, id)
+            apps::history(reloader, id).await
         }
         (&Method::GET, p) if p.starts_with("/v1/apps/") && p.ends_with("/decisions") => {
             let id = &p["/v1/apps/".len()..p.len() - "/decisions".len()];
@@ -256,7 +256,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         }
         (&Method::GET, p) if p.starts_with("/v1/apps/") => {
             let id = &p["/v1/apps/".len()..];
-            if let Some(stored) = apps::get(reloader, policy, id) {
+            if let Some(stored) = apps::get(reloader, policy, id).await {
                 return stored;
             }
             match policy.app(id) {
