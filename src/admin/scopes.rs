@@ -312,13 +312,16 @@ enum PromptAnswer {
 }
 
 /// `POST /v1/scopes/prompts/{id}`: `{"answer":"allow"|"deny"}`.
-pub(crate) async fn answer(req: Request<Incoming>, service: &ScopeService, id: &str, who: &str) -> Response<Body> {
+pub(crate) async fn answer(req: Request<Incoming>, service: &Arc<ScopeService>, id: &str, who: &str) -> Response<Body> {
     let body: AnswerBody = match parse(req, "{\"answer\":\"allow\"|\"deny\"}").await {
         Ok(body) => body,
         Err(refusal) => return refusal,
     };
     let allow = body.answer == PromptAnswer::Allow;
-    match service.settle(id, allow, who) {
+    // The consent record is written and synced off the async workers.
+    let (service, prompt, who) = (service.clone(), id.to_owned(), who.to_owned());
+    let settled = tokio::task::spawn_blocking(move || service.settle(&prompt, allow, &who)).await;
+    match settled.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())) {
         None => error(StatusCode::NOT_FOUND, &format!("no prompt {id:?} is waiting (answered, or timed out)")),
         Some(Err(e)) => failed(&e),
         Some(Ok(view)) => {

@@ -478,7 +478,10 @@ impl ScopeService {
             Prompter::Allow | Prompter::Deny => {
                 let allow = settings.prompter == Prompter::Allow;
                 let (record, _) = rules::answered(app.platform, def, allow, ask.system);
-                self.set_consent(key, record, "prompt", by)?;
+                // The record is written and synced off the async workers.
+                let this = self.clone();
+                let written = tokio::task::spawn_blocking(move || this.set_consent(key, record, "prompt", by)).await;
+                written.map_err(|e| ServiceError::Io(std::io::Error::other(e.to_string())))??;
                 return Ok(Prompted::Answered(allow));
             }
             Prompter::Pending | Prompter::Webhook(_) => {}
