@@ -190,23 +190,44 @@ proxy_args() {
   esac
 }
 proxy_port() { case $1 in gateway) echo "$GW" ;; squid) echo "$SQUID" ;; tinyproxy) echo "$TINY" ;; esac; }
+proxy_pid() { case $1 in gateway) echo "$gw_pid" ;; squid) echo "$squid_pid" ;; tinyproxy) echo "$tiny_pid" ;; esac; }
 
-# oha_rps NAME [extra args]: successful requests per second.
+# cpu_ticks PID: the user and system CPU time (clock ticks) PID and its children have used,
+# from /proc/PID/stat (fields 14 and 15; the command names here have no spaces).
+cpu_ticks() {
+  local user=0 sys=0 pid u s
+  for pid in $1 $(pgrep -P "$1" || true); do
+    read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat" 2>/dev/null || echo "0 0")
+    user=$((user + u)); sys=$((sys + s))
+  done
+  echo "$user $sys"
+}
+
+# oha_rps NAME MODE [extra args]: successful requests per second; for a proxy, its CPU time
+# per request over the same run (user and system, microseconds) goes to $work/cpu.NAME.MODE.
 oha_rps() {
-  local name=$1; shift
-  local extra=()
+  local name=$1 mode=$2; shift 2
+  local extra=() pid before after
   [ "$name" = gateway ] && extra=(--proxy-header "Proxy-Authorization: $AUTH")
+  pid=$(proxy_pid "$name")
+  before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo "0 0")
   # shellcheck disable=SC2046
   oha -z "${DURATION}s" -c "$CLIENTS" --no-tui --output-format json --insecure \
       $(proxy_args "$name") "${extra[@]}" "$@" "https://$ORIGIN_NAME:$ORIGIN/small" > "$work/oha.json" 2>/dev/null || true
-  python3 - "$work/oha.json" <<'PY'
+  after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo "0 0")
+  python3 - "$work/oha.json" "$before" "$after" "$(getconf CLK_TCK)" "$work/cpu.$name.$mode" <<'PY'
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
     ok = r.get("statusCodeDistribution", {}).get("200", 0)
     print(f"{ok / r['summary']['total']:.0f}")
 except Exception:
+    ok = 0
     print("0")
+(u0, s0), (u1, s1), tick = map(int, sys.argv[2].split()), map(int, sys.argv[3].split()), int(sys.argv[4])
+if ok:
+    with open(sys.argv[5], "a") as out:
+        out.write(f"{(u1 - u0) * 1e6 / tick / ok:.1f} {(s1 - s0) * 1e6 / tick / ok:.1f}\n")
 PY
 }
 
@@ -269,15 +290,15 @@ targets=(direct gateway squid tinyproxy)
 log "warming up (untimed): every path once"
 for t in "${targets[@]}"; do
   bulk "$t" > /dev/null
-  DURATION=1 oha_rps "$t" > /dev/null
+  DURATION=1 oha_rps "$t" warmup > /dev/null
 done
 for round in $(seq "$ROUNDS"); do
   log "round $round of $ROUNDS"
   # rotate the order each round so no target always runs first (or on a warm cache)
   order=("${targets[@]:$((round % 4))}" "${targets[@]:0:$((round % 4))}")
   for t in "${order[@]}"; do
-    keep[$t]+="$(oha_rps "$t") "
-    new[$t]+="$(oha_rps "$t" --disable-keepalive) "
+    keep[$t]+="$(oha_rps "$t" keep) "
+    new[$t]+="$(oha_rps "$t" new --disable-keepalive) "
     bulkbps[$t]+="$(bulk "$t") "
     [ "$t" = direct ] || refusals[$t]+="$(deny "$t") "
   done
@@ -317,3 +338,25 @@ row "refusals/s, unlisted host" refusals plain
 printf '| memory per idle tunnel (%s tunnels) | - | %s KiB | %s KiB | %s KiB | %s | - |\n' "$IDLE_TUNNELS" "$g_kib" "$s_kib" "$t_kib" "$(ratio "$g_kib" "$s_kib")"
 printf '| idle tunnels opened / failed | - | %s / %s | %s / %s | %s / %s | - | - |\n' "$g_open" "$g_fail" "$s_open" "$s_fail" "$t_open" "$t_fail"
 printf '| %s concurrent tunnels, opened / failed | - | %s / %s | - | - | - | - |\n' "$MANY_TUNNELS" "$m_open" "$m_fail"
+
+# cpu_row MODE LABEL: CPU microseconds per request, user / system (total), medians over rounds.
+cpu_row() {
+  local mode=$1 label=$2 t cells=() totals=()
+  for t in gateway squid tinyproxy; do
+    read -r u s < <(python3 - "$work/cpu.$t.$mode" <<'PY'
+import statistics, sys
+try:
+    rows = [tuple(map(float, line.split())) for line in open(sys.argv[1]) if line.strip()]
+    print(f"{statistics.median(r[0] for r in rows):.1f} {statistics.median(r[1] for r in rows):.1f}")
+except Exception:
+    print("0 0")
+PY
+)
+    cells+=("$u / $s ($(python3 -c "print(f'{$u + $s:.1f}')"))")
+    totals+=("$(python3 -c "print($u + $s)")")
+  done
+  printf '| CPU µs per request, %s: user / sys (total) | - | %s | %s | %s | %s | - |\n' "$label" \
+    "${cells[0]}" "${cells[1]}" "${cells[2]}" "$(ratio "${totals[0]}" "${totals[1]}")"
+}
+cpu_row keep "kept-alive tunnels"
+cpu_row new "new CONNECT + TLS per request"
