@@ -83,6 +83,25 @@ fn outside(bound: Bound<'_>, app: &str) -> Option<Response<Body>> {
         .map(|_| error(StatusCode::FORBIDDEN, &format!("this user acts for its own apps (apps = [...]), not {app:?}")))
 }
 
+/// A container's call: its body, of the route's shape (`shaped`), for an app the caller may act
+/// for, and what it asks.
+async fn container_call(
+    req: Request<Incoming>,
+    shape: &str,
+    bound: Bound<'_>,
+    shaped: impl Fn(&CallBody) -> bool,
+) -> Result<(CallBody, Ask), Response<Body>> {
+    let body: CallBody = parse(req, shape).await?;
+    if !shaped(&body) {
+        return Err(error(StatusCode::BAD_REQUEST, &format!("send {shape}")));
+    }
+    if let Some(refusal) = outside(bound, &body.app) {
+        return Err(refusal);
+    }
+    let ask = body.ask()?;
+    Ok((body, ask))
+}
+
 /// `POST /v1/scopes/decide`: `{"app","user","api","system_permission"?,"wait"?}`.
 pub(crate) async fn decide(
     req: Request<Incoming>,
@@ -91,24 +110,18 @@ pub(crate) async fn decide(
     bound: Bound<'_>,
 ) -> Response<Body> {
     let shape = "{\"app\",\"user\",\"api\",\"system_permission\"?,\"wait\"?}";
-    let body: CallBody = match parse(req, shape).await {
-        Ok(body) => body,
-        Err(refusal) => return refusal,
-    };
-    let (Some(api), None, None) = (&body.api, &body.scope, &body.scopes) else {
-        return error(StatusCode::BAD_REQUEST, &format!("send {shape}"));
-    };
-    if let Some(refusal) = outside(bound, &body.app) {
-        return refusal;
-    }
-    let ask = match body.ask() {
-        Ok(ask) => ask,
-        Err(refusal) => return refusal,
-    };
+    let (body, ask) =
+        match container_call(req, shape, bound, |b| matches!((&b.api, &b.scope, &b.scopes), (Some(_), None, None)))
+            .await
+        {
+            Ok(call) => call,
+            Err(refusal) => return refusal,
+        };
+    let api = body.api.as_deref().unwrap_or_default();
     match service.decide(config, &ask, api).await {
         Ok(answer) => {
             let mut value = serde_json::to_value(&answer).unwrap_or_default();
-            value["api"] = api.as_str().into();
+            value["api"] = api.into();
             json_response(StatusCode::OK, &value)
         }
         Err(e) => failed(&e),
@@ -123,20 +136,14 @@ pub(crate) async fn authorize(
     bound: Bound<'_>,
 ) -> Response<Body> {
     let shape = "{\"app\",\"user\",\"scope\",\"system_permission\"?,\"wait\"?}";
-    let body: CallBody = match parse(req, shape).await {
-        Ok(body) => body,
-        Err(refusal) => return refusal,
-    };
-    let (None, Some(scope), None) = (&body.api, &body.scope, &body.scopes) else {
-        return error(StatusCode::BAD_REQUEST, &format!("send {shape}"));
-    };
-    if let Some(refusal) = outside(bound, &body.app) {
-        return refusal;
-    }
-    let ask = match body.ask() {
-        Ok(ask) => ask,
-        Err(refusal) => return refusal,
-    };
+    let (body, ask) =
+        match container_call(req, shape, bound, |b| matches!((&b.api, &b.scope, &b.scopes), (None, Some(_), None)))
+            .await
+        {
+            Ok(call) => call,
+            Err(refusal) => return refusal,
+        };
+    let scope = body.scope.as_deref().unwrap_or_default();
     match service.authorize(config, &ask, scope).await {
         Ok(answer) => {
             let mut value = serde_json::to_value(&answer).unwrap_or_default();
@@ -155,20 +162,14 @@ pub(crate) async fn issue_code(
     bound: Bound<'_>,
 ) -> Response<Body> {
     let shape = "{\"app\",\"user\",\"scopes\":[…],\"wait\"?}";
-    let body: CallBody = match parse(req, shape).await {
-        Ok(body) => body,
-        Err(refusal) => return refusal,
-    };
-    let (None, None, Some(scopes)) = (&body.api, &body.scope, &body.scopes) else {
-        return error(StatusCode::BAD_REQUEST, &format!("send {shape}"));
-    };
-    if let Some(refusal) = outside(bound, &body.app) {
-        return refusal;
-    }
-    let ask = match body.ask() {
-        Ok(ask) => ask,
-        Err(refusal) => return refusal,
-    };
+    let (body, ask) =
+        match container_call(req, shape, bound, |b| matches!((&b.api, &b.scope, &b.scopes), (None, None, Some(_))))
+            .await
+        {
+            Ok(call) => call,
+            Err(refusal) => return refusal,
+        };
+    let scopes = body.scopes.as_deref().unwrap_or_default();
     match service.issue_code(config, &ask, scopes).await {
         Ok(value) => json_response(StatusCode::OK, &value),
         Err(e) => failed(&e),
