@@ -5,7 +5,9 @@
 # Everything listens on 127.0.0.1 and everything it starts is stopped on exit. It installs
 # what it needs (Debian: nginx-light squid tinyproxy; crates.io: oha) when missing, which
 # needs root. Knobs (environment): ROUNDS=3 DURATION=8 CLIENTS=32 IDLE_TUNNELS=2000
-# MANY_TUNNELS=10000 BULK_MB=1024 GATEWAY_THREADS=(tokio's default: one per core).
+# MANY_TUNNELS=10000 BULK_MB=1024 GATEWAY_THREADS=(tokio's default: one per core); PERF=1
+# also counts each proxy's context switches, CPU migrations and system calls per request with
+# `perf stat` (Debian's linux-perf) over the request-rate runs.
 # Prints a markdown table of medians and ratios.
 set -euo pipefail
 
@@ -61,6 +63,7 @@ missing=()
 command -v nginx >/dev/null || missing+=(nginx-light)
 command -v squid >/dev/null || missing+=(squid)
 command -v tinyproxy >/dev/null || missing+=(tinyproxy)
+if [ "${PERF:-0}" = 1 ]; then command -v perf >/dev/null || missing+=(linux-perf); fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]} from Debian"
   apt-get update -q >/dev/null
@@ -210,12 +213,20 @@ oha_rps() {
   local extra=() pid before after
   [ "$name" = gateway ] && extra=(--proxy-header "Proxy-Authorization: $AUTH")
   pid=$(proxy_pid "$name")
+  local perf=
+  if [ "${PERF:-0}" = 1 ] && [ -n "$pid" ] && [ "$mode" != warmup ]; then
+    # every thread of the proxy, for the length of the run
+    perf stat -e context-switches,cpu-migrations,raw_syscalls:sys_enter -x, -o "$work/perf.out" \
+        -t "$(ls /proc/"$pid"/task | paste -sd,)" -- sleep "$DURATION" 2>/dev/null & perf=$!
+  fi
   before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo "0 0")
   # shellcheck disable=SC2046
   oha -z "${DURATION}s" -c "$CLIENTS" --no-tui --output-format json --insecure \
       $(proxy_args "$name") "${extra[@]}" "$@" "https://$ORIGIN_NAME:$ORIGIN/small" > "$work/oha.json" 2>/dev/null || true
   after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo "0 0")
-  python3 - "$work/oha.json" "$before" "$after" "$(getconf CLK_TCK)" "$work/cpu.$name.$mode" <<'PY'
+  [ -n "$perf" ] && wait "$perf"
+  python3 - "$work/oha.json" "$before" "$after" "$(getconf CLK_TCK)" "$work/cpu.$name.$mode" \
+      "$([ -n "$perf" ] && echo "$work/perf.out")" "$work/perf.$name.$mode" <<'PY'
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
@@ -228,6 +239,14 @@ except Exception:
 if ok:
     with open(sys.argv[5], "a") as out:
         out.write(f"{(u1 - u0) * 1e6 / tick / ok:.1f} {(s1 - s0) * 1e6 / tick / ok:.1f}\n")
+if ok and sys.argv[6]:
+    counts = {}
+    for line in open(sys.argv[6]):
+        fields = line.strip().split(",")
+        if len(fields) > 2 and fields[0].isdigit():
+            counts[fields[2]] = int(fields[0])
+    with open(sys.argv[7], "a") as out:
+        out.write(" ".join(f"{counts.get(e, 0) / ok:.2f}" for e in ("context-switches", "cpu-migrations", "raw_syscalls:sys_enter")) + "\n")
 PY
 }
 
@@ -360,3 +379,24 @@ PY
 }
 cpu_row keep "kept-alive tunnels"
 cpu_row new "new CONNECT + TLS per request"
+
+# perf_row MODE LABEL: context switches, CPU migrations and system calls per request.
+perf_row() {
+  local mode=$1 label=$2 t cells=()
+  for t in gateway squid tinyproxy; do
+    cells+=("$(python3 - "$work/perf.$t.$mode" <<'PY'
+import statistics, sys
+try:
+    rows = [tuple(map(float, line.split())) for line in open(sys.argv[1]) if line.strip()]
+    print(" / ".join(f"{statistics.median(r[i] for r in rows):.2f}" for i in range(3)))
+except Exception:
+    print("-")
+PY
+)")
+  done
+  printf '| switches / migrations / syscalls per request, %s | - | %s | %s | %s | - | - |\n' "$label" "${cells[@]}"
+}
+if [ "${PERF:-0}" = 1 ]; then
+  perf_row keep "kept-alive tunnels"
+  perf_row new "new CONNECT + TLS per request"
+fi
