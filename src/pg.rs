@@ -1,16 +1,20 @@
 //! The PostgreSQL store (`[store] backend = "postgres"`): connecting to the database, and the
 //! schema migrations that ship in the binary.
 //!
-//! Migrations run in one transaction under a transaction-scoped advisory lock, so replicas
+//! [`PgStore`] keeps the apps there behind the same [`Store`] interface as the files. Migrations
+//! run in one transaction under a transaction-scoped advisory lock, so replicas
 //! that start together apply each one exactly once and the others wait, then find nothing
 //! left to do. A database whose schema is newer than this binary knows is refused: an old
 //! replica must not write into tables a newer one has changed.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_postgres::{Client, NoTls};
 
+use crate::audit::Record;
 use crate::config::PostgresSettings;
+use crate::store::{AppDoc, Place, Rendered, Store, Stored, WriteError};
 
 /// The schema, one step at a time: (version, SQL). Never edit a step that has shipped; add one.
 pub const MIGRATIONS: &[(i32, &str)] = &[(
@@ -155,4 +159,182 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, PgError> {
     }
     tx.commit().await?;
     Ok(Migrated { from: found, to: known })
+}
+
+/// The apps of the management API in PostgreSQL: one row an app (`definition` NULL once it
+/// is deleted, so that replicas see the delete), and the audit rows beside it. Every change is
+/// one transaction under the advisory lock: the audit row, the app's row with the next value
+/// of `gateway_change`, and a `NOTIFY` that wakes the replicas. Its methods block: call them
+/// off the async workers (`spawn_blocking`), as the admin API does.
+pub struct PgStore {
+    /// The main config file (apps defined there are read-only).
+    config: PathBuf,
+    client: tokio::sync::Mutex<Client>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The channel the stores `NOTIFY` on a change.
+pub const CHANNEL: &str = "gateway_apps";
+
+impl PgStore {
+    /// Connect, and bring the schema up to date.
+    pub async fn connect(settings: &PostgresSettings, config: &Path) -> Result<PgStore, PgError> {
+        let mut client = connect(settings).await?;
+        migrate(&mut client).await?;
+        Ok(PgStore {
+            config: config.to_path_buf(),
+            client: tokio::sync::Mutex::new(client),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    fn run<T>(&self, work: impl std::future::Future<Output = Result<T, PgError>>) -> std::io::Result<T> {
+        self.runtime.block_on(work).map_err(std::io::Error::other)
+    }
+}
+
+fn revision_of(row: &tokio_postgres::Row) -> u64 {
+    u64::try_from(row.get::<_, i64>(0)).unwrap_or(0)
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store for PgStore {
+    fn place(&self, id: &str) -> std::io::Result<Place> {
+        let row = self.run(async {
+            let client = self.client.lock().await;
+            Ok(client.query_opt("SELECT revision, definition FROM gateway_apps WHERE id = $1", &[&id]).await?)
+        })?;
+        if let Some(row) = row
+            && let Some(text) = row.get::<_, Option<String>>(1)
+        {
+            let docs = crate::store::parse_apps(&text).map_err(std::io::Error::other)?;
+            let Some(doc) = docs.into_iter().next() else {
+                return Err(std::io::Error::other(format!("the database's definition of app {id:?} holds no app")));
+            };
+            return Ok(Place::Writable(Box::new(Stored { doc, revision: revision_of(&row), text, edited: None })));
+        }
+        let main = crate::store::read_all(&self.config, None)?;
+        Ok(if main.iter().any(|doc| doc.id == id) { Place::ReadOnly(self.config.clone()) } else { Place::Free })
+    }
+
+    fn render(&self, id: &str, doc: Option<&AppDoc>, _revision: u64) -> Rendered {
+        let file = crate::config::store_source(id);
+        match doc {
+            Some(doc) => {
+                let (text, lines) = crate::store::definition(doc);
+                Rendered { file, text: Some(text), lines }
+            }
+            None => Rendered { file, text: None, lines: Vec::new() },
+        }
+    }
+
+    fn history(&self, id: &str) -> std::io::Result<Vec<Record>> {
+        let rows = self.run(async {
+            let client = self.client.lock().await;
+            // An applied change that then failed to be put in force is left out.
+            let sql = "SELECT a.record FROM gateway_audit a WHERE a.app = $1 AND a.outcome = 'applied'
+                       AND NOT EXISTS (SELECT 1 FROM gateway_audit f WHERE f.app = a.app AND f.revision = a.revision
+                                       AND f.seq > a.seq AND f.outcome IN ('write_failed', 'reload_failed'))
+                       ORDER BY a.seq DESC";
+            Ok(client.query(sql, &[&id]).await?)
+        })?;
+        rows.iter()
+            .map(|row| serde_json::from_value(row.get::<_, serde_json::Value>(0)).map_err(std::io::Error::other))
+            .collect()
+    }
+
+    fn next_revision(&self, id: &str, _current: Option<&Stored>) -> std::io::Result<u64> {
+        // The app's row keeps its revision after a delete, and the audit rows every number
+        // given, made or failed: none is given twice.
+        let row = self.run(async {
+            let client = self.client.lock().await;
+            let sql = "SELECT greatest(
+                           (SELECT max(revision) FROM gateway_apps WHERE id = $1),
+                           (SELECT max(revision) FROM gateway_audit WHERE app = $1 AND outcome <> 'dry_run'))";
+            Ok(client.query_one(sql, &[&id]).await?)
+        })?;
+        let highest = row.get::<_, Option<i64>>(0).unwrap_or(0);
+        Ok(u64::try_from(highest).unwrap_or(0).saturating_add(1))
+    }
+
+    fn note(&self, record: &Record) -> std::io::Result<()> {
+        let value = serde_json::to_value(record).map_err(std::io::Error::other)?;
+        self.run(async {
+            let client = self.client.lock().await;
+            let revision = record.revision.map(to_i64);
+            let sql = "INSERT INTO gateway_audit (app, revision, outcome, record) VALUES ($1, $2, $3, $4)";
+            client.execute(sql, &[&record.app, &revision, &record.outcome, &value]).await?;
+            Ok(())
+        })
+    }
+
+    fn put(&self, rendered: &Rendered, current: Option<&Stored>, record: &Record) -> Result<(), WriteError> {
+        let value = serde_json::to_value(record).map_err(std::io::Error::other)?;
+        let outcome = self.runtime.block_on(async {
+            let mut client = self.client.lock().await;
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
+            let now = tx
+                .query_opt("SELECT revision, definition FROM gateway_apps WHERE id = $1 FOR UPDATE", &[&record.app])
+                .await?;
+            let found =
+                now.as_ref().and_then(|row| row.get::<_, Option<String>>(1).map(|text| (revision_of(row), text)));
+            let expected = current.map(|stored| (stored.revision, stored.text.clone()));
+            if found != expected {
+                return Ok::<bool, PgError>(false);
+            }
+            let revision = record.revision.map(to_i64);
+            tx.execute(
+                "INSERT INTO gateway_audit (app, revision, outcome, record) VALUES ($1, $2, $3, $4)",
+                &[&record.app, &revision, &record.outcome, &value],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO gateway_apps (id, revision, definition, change, changed_at)
+                 VALUES ($1, $2, $3, nextval('gateway_change'), now())
+                 ON CONFLICT (id) DO UPDATE SET revision = $2, definition = $3,
+                     change = nextval('gateway_change'), changed_at = now()",
+                &[&record.app, &revision.unwrap_or(0), &rendered.text],
+            )
+            .await?;
+            tx.execute(&format!("NOTIFY {CHANNEL}"), &[]).await?;
+            tx.commit().await?;
+            Ok(true)
+        });
+        match outcome {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WriteError::Changed),
+            Err(e) => Err(WriteError::Io(std::io::Error::other(e))),
+        }
+    }
+
+    fn restore(&self, _rendered: &Rendered, previous: Option<&Stored>, record: &Record) -> std::io::Result<()> {
+        let value = serde_json::to_value(record).map_err(std::io::Error::other)?;
+        self.run(async {
+            let mut client = self.client.lock().await;
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
+            let revision = record.revision.map(to_i64);
+            tx.execute(
+                "INSERT INTO gateway_audit (app, revision, outcome, record) VALUES ($1, $2, $3, $4)",
+                &[&record.app, &revision, &record.outcome, &value],
+            )
+            .await?;
+            // Back to what it was, as a change of its own (replicas may have taken the one undone).
+            let text = previous.map(|stored| stored.text.clone());
+            let kept = previous.map_or(revision.unwrap_or(0), |stored| to_i64(stored.revision));
+            tx.execute(
+                "UPDATE gateway_apps SET revision = $2, definition = $3, change = nextval('gateway_change'),
+                     changed_at = now() WHERE id = $1",
+                &[&record.app, &kept, &text],
+            )
+            .await?;
+            tx.execute(&format!("NOTIFY {CHANNEL}"), &[]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
 }

@@ -241,3 +241,68 @@ async fn a_wrong_password_or_no_database_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8(out.stderr).unwrap().contains("is not served yet"));
 }
+
+fn record(app: &str, revision: u64, outcome: &str) -> miniapp_gateway::audit::Record {
+    miniapp_gateway::audit::Record {
+        time: miniapp_gateway::audit::Record::now(),
+        app: app.into(),
+        revision: Some(revision),
+        user: "ed".into(),
+        client: "test".into(),
+        change: "replace".into(),
+        outcome: outcome.into(),
+        before: None,
+        after: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_keeps_revisions_and_history_and_refuses_a_stale_write() {
+    use miniapp_gateway::store::{AppDoc, Place, Store, WriteError};
+    let Some(pg) = Postgres::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = pg.config(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap() + "\n[[app]]\nid = \"main\"\n";
+    std::fs::write(&config, text).unwrap();
+    let miniapp_gateway::config::StoreSettings::Postgres(settings) =
+        miniapp_gateway::config::load(&config).unwrap().store
+    else {
+        panic!("not the postgres store")
+    };
+    let store = std::sync::Arc::new(miniapp_gateway::pg::PgStore::connect(&settings, &config).await.unwrap());
+    let doc = |domain: &str| -> AppDoc {
+        let text = format!("[[app]]\nid = \"shop\"\nserver_domains = [{{ domain = \"{domain}\", remark = \"r\" }}]\n");
+        miniapp_gateway::store::parse_apps(&text).unwrap().remove(0)
+    };
+    let (first, second) = (doc("a.shop.example"), doc("b.shop.example"));
+    // Its methods block: off the async workers, as the admin API calls them.
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(store.place("shop").unwrap(), Place::Free);
+        assert!(matches!(store.place("main").unwrap(), Place::ReadOnly(_)), "the main config's apps are read-only");
+        assert_eq!(store.next_revision("shop", None).unwrap(), 1);
+        store.put(&store.render("shop", Some(&first), 1), None, &record("shop", 1, "applied")).unwrap();
+        let Place::Writable(one) = store.place("shop").unwrap() else { panic!("not written") };
+        assert_eq!((one.revision, one.doc.server_domains[0].value.as_str()), (1, "a.shop.example"));
+        // a write made against what is no longer there is refused, and changes nothing
+        let stale = store.put(&store.render("shop", Some(&second), 2), None, &record("shop", 2, "applied"));
+        assert!(matches!(stale, Err(WriteError::Changed)), "{stale:?}");
+        store.put(&store.render("shop", Some(&second), 2), Some(&one), &record("shop", 2, "applied")).unwrap();
+        let revisions: Vec<Option<u64>> = store.history("shop").unwrap().iter().map(|r| r.revision).collect();
+        assert_eq!(revisions, [Some(2), Some(1)]);
+        // a change that could not be put in force goes back, and its number is spent
+        store
+            .restore(&store.render("shop", Some(&second), 2), Some(&one), &record("shop", 2, "reload_failed"))
+            .unwrap();
+        let Place::Writable(back) = store.place("shop").unwrap() else { panic!("gone") };
+        assert_eq!((back.revision, back.doc.server_domains[0].value.as_str()), (1, "a.shop.example"));
+        assert_eq!(store.next_revision("shop", Some(&back)).unwrap(), 3);
+        let revisions: Vec<Option<u64>> = store.history("shop").unwrap().iter().map(|r| r.revision).collect();
+        assert_eq!(revisions, [Some(1)], "the change undone is not in the history");
+        // a delete keeps the row (replicas see it) and its number
+        store.put(&store.render("shop", None, 3), Some(&back), &record("shop", 3, "applied")).unwrap();
+        assert_eq!(store.place("shop").unwrap(), Place::Free);
+        assert_eq!(store.next_revision("shop", None).unwrap(), 4);
+    })
+    .await
+    .unwrap();
+}
