@@ -213,27 +213,11 @@ fn large_client_hello(host: &str, size: usize) -> Vec<u8> {
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let mut first = Vec::new();
     conn.write_tls(&mut first).unwrap();
-    let mut message = first[5..].to_vec();
-    let session_id = 4 + 2 + 32;
-    let suites = session_id + 1 + usize::from(message[session_id]);
-    let compression = suites + 2 + usize::from(u16::from_be_bytes([message[suites], message[suites + 1]]));
-    let extensions = compression + 1 + usize::from(message[compression]);
-    let block = usize::from(u16::from_be_bytes([message[extensions], message[extensions + 1]]));
+    // padding (extension 21) to bring the records to about `size` bytes on the wire
     let records = size.div_ceil(16 * 1024);
-    let padding = size.saturating_sub(message.len() + 4 + 5 * records).min(0xffff - 4 - message.len());
-    message[extensions..extensions + 2].copy_from_slice(&u16::try_from(block + 4 + padding).unwrap().to_be_bytes());
-    message.extend_from_slice(&0x0015u16.to_be_bytes());
-    message.extend_from_slice(&u16::try_from(padding).unwrap().to_be_bytes());
-    message.resize(message.len() + padding, 0);
-    let body = u32::try_from(message.len() - 4).unwrap().to_be_bytes();
-    message[1..4].copy_from_slice(&body[1..]);
-    let mut wire = Vec::new();
-    for piece in message.chunks(16 * 1024) {
-        wire.extend_from_slice(&[0x16, 0x03, 0x01]);
-        wire.extend_from_slice(&u16::try_from(piece.len()).unwrap().to_be_bytes());
-        wire.extend_from_slice(piece);
-    }
-    wire
+    let message = first.len() - 5;
+    let padding = size.saturating_sub(message + 4 + 5 * records).min(0xffff - 4 - message);
+    miniapp_gateway::proxy::client_hello::with_extension(&first, 0x0015, &vec![0; padding])
 }
 
 async fn stall(args: Arc<Args>) {

@@ -133,21 +133,9 @@ impl AuditLog {
 
     /// An exclusive lock (flock) on `<log>.lock`, held until dropped.
     fn lock_file(&self) -> std::io::Result<std::fs::File> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
         let mut name = self.path.as_os_str().to_owned();
         name.push(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(PathBuf::from(name))?;
-        // SAFETY: flock only takes the descriptor, which `file` keeps open.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(file)
+        crate::store::lock_file(Path::new(&name))
     }
 
     fn sync_dir(&self) -> std::io::Result<()> {
@@ -213,21 +201,25 @@ impl AuditLog {
     /// made; one that then failed (the app's next record is `conflict`, `write_failed` or
     /// `reload_failed` with the same revision) is left out.
     pub fn history(&self, app: &str) -> std::io::Result<Vec<Record>> {
-        let mut index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = FileId::of(&self.path)?.unwrap_or(FileId { inode: 0, len: 0 });
-        if index.as_ref().is_none_or(|index| index.file != now) {
-            *index = Some(self.read_index(now)?);
-        }
-        let mut records = index.as_ref().and_then(|index| index.by_app.get(app)).cloned().unwrap_or_default();
+        let mut records = self.with_index(|index| index.by_app.get(app).cloned().unwrap_or_default())?;
         records.reverse();
         Ok(records)
     }
 
     /// The highest revision `app` was ever given, by a change made or one that failed.
     pub fn highest_revision(&self, app: &str) -> std::io::Result<Option<u64>> {
-        self.history(app)?; // brings the index up to date
-        let index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Ok(index.as_ref().and_then(|index| index.highest.get(app).copied()))
+        self.with_index(|index| index.highest.get(app).copied())
+    }
+
+    /// `f` of the index, read again first if the file is not the one it was read from.
+    fn with_index<T>(&self, f: impl FnOnce(&Index) -> T) -> std::io::Result<T> {
+        let mut index = self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = FileId::of(&self.path)?.unwrap_or(FileId { inode: 0, len: 0 });
+        let current = match index.take() {
+            Some(current) if current.file == now => current,
+            _ => self.read_index(now)?,
+        };
+        Ok(f(index.insert(current)))
     }
 
     /// Read every record of every file, oldest first.

@@ -667,9 +667,14 @@ fn apps_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// An exclusive lock on `dir/.lock` (flock), held until dropped.
 pub fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    lock_file(&dir.join(".lock"))
+}
+
+/// An exclusive lock (flock) on the file at `path`, made owner-only if it is new, held until
+/// the file returned is dropped.
+pub fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
-    let file =
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(".lock"))?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)?;
     // SAFETY: flock only takes the descriptor, which `file` keeps open.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error());

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use common::*;
+use miniapp_gateway::proxy::client_hello::with_extension;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 fn config(origin: std::net::SocketAddr) -> String {
@@ -99,32 +100,6 @@ async fn after_a_hello_retry_request_the_second_client_hello_passes() {
     drop(tls);
     let line = gw.log.wait_for(|l| l["host"] == "api.shop.example").await;
     assert_eq!((line["decision"].as_str(), line["reason"].as_str()), (Some("allow"), Some("whitelisted")));
-}
-
-/// `hello` (one record, as rustls writes it) with one more extension at the end, the
-/// extension block, handshake and record lengths fixed; records of at most 16 KiB.
-fn with_extension(hello: &[u8], kind: u16, data: &[u8]) -> Vec<u8> {
-    let mut message = hello[5..].to_vec();
-    let session_id = 4 + 2 + 32;
-    let suites = session_id + 1 + usize::from(message[session_id]);
-    let compression = suites + 2 + usize::from(u16::from_be_bytes([message[suites], message[suites + 1]]));
-    let extensions = compression + 1 + usize::from(message[compression]);
-    let block = usize::from(u16::from_be_bytes([message[extensions], message[extensions + 1]]));
-    assert_eq!(extensions + 2 + block, message.len(), "extensions end the message");
-    let block = u16::try_from(block + 4 + data.len()).unwrap();
-    message[extensions..extensions + 2].copy_from_slice(&block.to_be_bytes());
-    message.extend_from_slice(&kind.to_be_bytes());
-    message.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
-    message.extend_from_slice(data);
-    let body = u32::try_from(message.len() - 4).unwrap().to_be_bytes();
-    message[1..4].copy_from_slice(&body[1..]);
-    let mut records = Vec::new();
-    for piece in message.chunks(16 * 1024) {
-        records.extend_from_slice(&[0x16, 0x03, 0x01]);
-        records.extend_from_slice(&u16::try_from(piece.len()).unwrap().to_be_bytes());
-        records.extend_from_slice(piece);
-    }
-    records
 }
 
 /// `hello` with an `encrypted_client_hello` extension (0xfe0d) of the outer type, well formed.

@@ -265,6 +265,35 @@ fn reserve(seen: &mut Vec<u8>, reservation: &mut Reservation<'_>, capacity: usiz
     true
 }
 
+/// `hello` (one record, as rustls writes it) with one more extension of `kind` holding `data`:
+/// the extension block, handshake and record lengths fixed, the message re-framed into records
+/// of at most 16 KiB. What the tests and the load generator send to make a large or unusual
+/// ClientHello out of a real one; nothing in the gateway calls it.
+#[doc(hidden)]
+pub fn with_extension(hello: &[u8], kind: u16, data: &[u8]) -> Vec<u8> {
+    let mut message = hello[5..].to_vec();
+    let session_id = 4 + 2 + 32;
+    let suites = session_id + 1 + usize::from(message[session_id]);
+    let compression = suites + 2 + usize::from(u16::from_be_bytes([message[suites], message[suites + 1]]));
+    let extensions = compression + 1 + usize::from(message[compression]);
+    let block = usize::from(u16::from_be_bytes([message[extensions], message[extensions + 1]]));
+    assert_eq!(extensions + 2 + block, message.len(), "extensions end the message");
+    let block = u16::try_from(block + 4 + data.len()).expect("an extension block of at most 64 KiB");
+    message[extensions..extensions + 2].copy_from_slice(&block.to_be_bytes());
+    message.extend_from_slice(&kind.to_be_bytes());
+    message.extend_from_slice(&u16::try_from(data.len()).expect("an extension of at most 64 KiB").to_be_bytes());
+    message.extend_from_slice(data);
+    let body = u32::try_from(message.len() - 4).expect("a message of at most 16 MiB").to_be_bytes();
+    message[1..4].copy_from_slice(&body[1..]);
+    let mut records = Vec::new();
+    for piece in message.chunks(16 * 1024) {
+        records.extend_from_slice(&[0x16, 0x03, 0x01]);
+        records.extend_from_slice(&u16::try_from(piece.len()).expect("16 KiB at most").to_be_bytes());
+        records.extend_from_slice(piece);
+    }
+    records
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,31 +312,6 @@ mod tests {
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
         out
-    }
-
-    /// `hello` (one record, as rustls writes it) with one more extension, its message re-framed
-    /// into records of at most 16 KiB.
-    fn with_extension(hello: &[u8], kind: u16, data: &[u8]) -> Vec<u8> {
-        let mut message = hello[5..].to_vec();
-        let sid = 4 + 2 + 32;
-        let suites = sid + 1 + usize::from(message[sid]);
-        let compression = suites + 2 + usize::from(u16::from_be_bytes([message[suites], message[suites + 1]]));
-        let extensions = compression + 1 + usize::from(message[compression]);
-        let old_len = usize::from(u16::from_be_bytes([message[extensions], message[extensions + 1]]));
-        let new_len = u16::try_from(old_len + 4 + data.len()).unwrap();
-        message[extensions..extensions + 2].copy_from_slice(&new_len.to_be_bytes());
-        message.extend_from_slice(&kind.to_be_bytes());
-        message.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
-        message.extend_from_slice(data);
-        let body_len = u32::try_from(message.len() - 4).unwrap().to_be_bytes();
-        message[1..4].copy_from_slice(&body_len[1..]);
-        let mut records = Vec::new();
-        for piece in message.chunks(16 * 1024) {
-            records.extend_from_slice(&[0x16, 0x03, 0x01]);
-            records.extend_from_slice(&u16::try_from(piece.len()).unwrap().to_be_bytes());
-            records.extend_from_slice(piece);
-        }
-        records
     }
 
     /// A real ClientHello grown by a padding extension to about `size` bytes on the wire.
