@@ -34,19 +34,9 @@ apps_dir = "apps"
 [[app]]
 id = "main"
 
-[[admin_user]]
-name = "ed"
-token_sha256 = "{editor}"
-role = "editor"
-
-[[admin_user]]
-name = "vera"
-token_sha256 = "{viewer}"
-role = "viewer"
-"#,
+{users}"#,
         o = origin.addr,
-        editor = token_hash(EDITOR),
-        viewer = token_hash(VIEWER)
+        users = admin_user("ed", "editor", EDITOR) + &admin_user("vera", "viewer", VIEWER),
     );
     let shop = "[[app]]\nid = \"shop\"\nserver_domains = [\"api.shop.example\"]\n";
     let gw = TestGateway::start_with_apps(&text, &[("shop.toml", shop)]).await;

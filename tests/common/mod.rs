@@ -579,6 +579,11 @@ pub fn raise_open_files_limit(wanted: u64) -> u64 {
     limit.rlim_cur
 }
 
+/// An `[[admin_user]]` table admitting `token` as `name` with `role`.
+pub fn admin_user(name: &str, role: &str, token: &str) -> String {
+    format!("\n[[admin_user]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\nrole = \"{role}\"\n", token_hash(token))
+}
+
 /// The SHA-256 of a token in hex, as `[[admin_user]].token_sha256` holds it.
 pub fn token_hash(token: &str) -> String {
     miniapp_gateway::config::token_sha256(token).iter().map(|b| format!("{b:02x}")).collect()
