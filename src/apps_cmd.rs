@@ -1,16 +1,19 @@
 //! `miniapp-gateway apps export | diff | import`: the GitOps and migration path.
 //!
-//! `export` writes every app of a config (the main file's and `apps_dir`'s). `diff FILE` shows
-//! what importing FILE would change, and `import FILE` makes it so, directly in the store (the
-//! `apps_dir` files, each write atomic and audited as user `import`); a running gateway picks
-//! the files up like any other edit. Nothing is written unless every change validates with
-//! check's rules; apps not in FILE are kept unless `--prune` is given.
+//! `export` writes every app of a config (the main file's, and `apps_dir`'s or the PostgreSQL
+//! store's). `diff FILE` shows what importing FILE would change, and `import FILE` makes it so,
+//! directly in the config's store (`apps_dir` files or the database, each write atomic and
+//! audited as user `import`); running gateways pick the changes up like any other (the file
+//! watcher, or the store's notification). Nothing is written unless every change validates with
+//! check's rules; apps not in FILE are kept unless `--prune` is given. Exporting from a config on
+//! one store and importing into a config on the other moves apps between them.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::audit::Record;
 use crate::config::{self, Config};
+use crate::pg::PgStore;
 use crate::store::{AppDoc, FileStore, Place, Step, Store, parse_apps, plan, read_all};
 
 /// How `apps export` writes.
@@ -26,10 +29,49 @@ fn load(config_path: &Path) -> Result<Config, String> {
     config::load(config_path).map_err(|errors| format!("invalid config:\n{errors}"))
 }
 
+/// A config's store, opened: its apps, and a loader that checks changes against them.
+struct Opened {
+    config: Config,
+    store: Box<dyn Store>,
+    /// Every app of the config: the main file's, then the store's.
+    current: Vec<AppDoc>,
+    loader: config::Loader,
+    /// The PostgreSQL store's connections run here (its methods block on it).
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn open(config_path: &Path) -> Result<Opened, String> {
+    let config = load(config_path)?;
+    let mut loader = config::Loader::new(&config.path);
+    match &config.store {
+        config::StoreSettings::Files => {
+            let current = read_all(&config.path, config.apps_dir.as_deref()).map_err(|e| e.to_string())?;
+            let store = Box::new(FileStore::new(&config.path, config.apps_dir.as_deref()));
+            Ok(Opened { config, store, current, loader, _runtime: None })
+        }
+        config::StoreSettings::Postgres(settings) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a runtime: {e}"))?;
+            let store = runtime
+                .block_on(PgStore::connect(settings, &config.path))
+                .map_err(|e| format!("the store {}: {e}", settings.url))?;
+            let apps = store.apps().map_err(|e| format!("cannot read the store's apps: {e}"))?;
+            let mut current = read_all(&config.path, None).map_err(|e| e.to_string())?;
+            for (id, text) in apps.iter() {
+                current.extend(parse_apps(text).map_err(|e| format!("the store's app {id:?}: {e}"))?);
+            }
+            loader.set_store_apps(apps);
+            Ok(Opened { config, store: Box::new(store), current, loader, _runtime: Some(runtime) })
+        }
+    }
+}
+
 /// Every app of the config, in `format`.
 pub fn export(config_path: &Path, format: Format) -> Result<String, String> {
-    let config = load(config_path)?;
-    let docs = read_all(&config.path, config.apps_dir.as_deref()).map_err(|e| e.to_string())?;
+    let Opened { config, current: docs, .. } = open(config_path)?;
     Ok(match format {
         Format::Json => {
             let docs: Vec<AppDoc> = docs
@@ -59,20 +101,16 @@ pub fn export(config_path: &Path, format: Format) -> Result<String, String> {
     })
 }
 
-/// The steps importing `file` would take.
-fn steps(config: &Config, file: &Path, prune: bool) -> Result<(FileStore, Vec<Step>), String> {
+/// The steps importing `file` into `opened` would take.
+fn steps(opened: &Opened, file: &Path, prune: bool) -> Result<Vec<Step>, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     let incoming = parse_apps(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-    let current = read_all(&config.path, config.apps_dir.as_deref()).map_err(|e| e.to_string())?;
-    let store = FileStore::new(&config.path, config.apps_dir.as_deref());
-    let steps = plan(&store, &current, &incoming, prune).map_err(|e| e.to_string())?;
-    Ok((store, steps))
+    plan(opened.store.as_ref(), &opened.current, &incoming, prune).map_err(|e| e.to_string())
 }
 
 /// What importing `file` would change, one line an app; the last line counts them.
 pub fn diff(config_path: &Path, file: &Path, prune: bool) -> Result<String, String> {
-    let config = load(config_path)?;
-    let (_, steps) = steps(&config, file, prune)?;
+    let steps = steps(&open(config_path)?, file, prune)?;
     let mut out = String::new();
     for step in &steps {
         let _ = match step {
@@ -89,8 +127,9 @@ pub fn diff(config_path: &Path, file: &Path, prune: bool) -> Result<String, Stri
 /// Import `file`: validate the config as it would be with every change made, then make them,
 /// each through the store (atomic, and audited as user `import`); returns what was done.
 pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, String> {
-    let config = load(config_path)?;
-    let (store, steps) = steps(&config, file, prune)?;
+    let opened = open(config_path)?;
+    let steps = steps(&opened, file, prune)?;
+    let store = opened.store.as_ref();
     if let Some(Step::ReadOnly(id, defined)) = steps.iter().find(|s| matches!(s, Step::ReadOnly(..))) {
         return Err(format!(
             "app {id:?} is defined in {}, which import does not write: move it to apps_dir/{id}.toml first",
@@ -132,7 +171,7 @@ pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, St
     // The whole import is checked as one: two apps that are each fine alone may not be together.
     let changes: Vec<_> =
         writes.iter().map(|(_, rendered, ..)| (rendered.file.clone(), rendered.text.clone())).collect();
-    if let Err(errors) = config::Loader::new(&config.path).load_candidate(&changes) {
+    if let Err(errors) = opened.loader.load_candidate(&changes) {
         let _ = writeln!(problems, "{errors}");
     }
     if !problems.is_empty() {

@@ -30,6 +30,7 @@ pub mod pg;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod replica;
 pub mod scopes;
 pub mod store;
 pub mod throttle;

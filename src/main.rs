@@ -14,6 +14,7 @@ use miniapp_gateway::config::{self, DEFAULT_PATH};
 use miniapp_gateway::policy::{Channel, Verdict};
 use miniapp_gateway::proxy::Gateway;
 use miniapp_gateway::reload::{Trigger, spawn_watcher};
+use miniapp_gateway::replica::{Origin, Replica};
 use miniapp_gateway::tls;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -372,16 +373,30 @@ fn explain(path: &std::path::Path, app: &str, channel: Channel, url: &str) -> Ex
 fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
     let mut loader = config::Loader::new(&path);
     let config = loader.load().map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
-    if matches!(config.store, config::StoreSettings::Postgres(_)) {
-        anyhow::bail!(
-            "[store] backend = \"postgres\" is not served yet: only `miniapp-gateway store migrate` uses it; \
-             run the gateway with the files store"
-        );
-    }
     check_descriptor_limit(config.limits.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let (log, writer) = AccessLog::start(log_format, Box::new(std::io::stdout()));
     runtime.block_on(async move {
+        // With the PostgreSQL store, the apps come from the database (or its cache file).
+        let (config, replica) = match &config.store {
+            config::StoreSettings::Files => (config, None),
+            config::StoreSettings::Postgres(settings) => {
+                let (replica, apps, origin) = Replica::open(settings, &path).await?;
+                match origin {
+                    Origin::Database(revision) => tracing::info!(revision, apps = apps.len(), "store read"),
+                    Origin::Cache(revision, age) => tracing::warn!(
+                        revision,
+                        apps = apps.len(),
+                        age_seconds = age,
+                        cache = %settings.cache.display(),
+                        "started from the store's cache: the database cannot be reached"
+                    ),
+                }
+                loader.set_store_apps(apps);
+                let config = loader.load().map_err(|errors| anyhow::anyhow!("invalid config:\n{errors}"))?;
+                (config, Some(replica))
+            }
+        };
         let apps = config.policy.app_count();
         let gateway = Gateway::bind(config, loader, log).await?;
         let addrs: Vec<String> = gateway.local_addrs().iter().map(ToString::to_string).collect();
@@ -390,6 +405,7 @@ fn run(path: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
         let tls: Vec<String> = gateway.tls_addrs().iter().map(ToString::to_string).collect();
         let tls = if tls.is_empty() { "none".to_owned() } else { tls.join(",") };
         tracing::info!(listen = %addrs.join(","), tls = %tls, admin = %admin, console = %console, generation = 1, apps, config = %path.display(), "miniapp-gateway started");
+        let _replica = replica.map(|replica| replica.spawn(gateway.reloader()));
         let reloader = gateway.reloader();
         let _watcher = spawn_watcher(reloader.clone());
         let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

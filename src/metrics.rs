@@ -35,6 +35,13 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     pub apps_loaded: IntGauge,
     pub config_watcher_up: IntGauge,
+    /// `gateway_store_revision`: the store change number whose apps are in force.
+    pub store_revision: IntGauge,
+    /// `gateway_store_up`: 1 while the store answers.
+    pub store_up: IntGauge,
+    /// `gateway_store_sync_lag_seconds`: how long since the replica last knew it enforced the
+    /// store's newest change.
+    pub store_sync_lag: Gauge,
     pub auth_failures_proxy: IntCounter,
     pub auth_failures_admin: IntCounter,
     /// `gateway_app_changes_total{action}`: app changes applied through the admin API.
@@ -95,6 +102,22 @@ impl Metrics {
             "1 while the config file watcher runs; 0 when it failed (changes are then found by the periodic check).",
         )
         .expect("valid metric");
+        let store_revision = IntGauge::new(
+            "gateway_store_revision",
+            "The store's change number whose apps are in force (PostgreSQL store; 0 with files).",
+        )
+        .expect("valid metric");
+        let store_up = IntGauge::new(
+            "gateway_store_up",
+            "1 while the store answers (always 1 with files); 0 while the database is unreachable.",
+        )
+        .expect("valid metric");
+        let store_sync_lag = Gauge::new(
+            "gateway_store_sync_lag_seconds",
+            "Seconds since this replica last knew it enforced the store's newest change (0 while it does).",
+        )
+        .expect("valid metric");
+        store_up.set(1);
         let auth_failures = IntCounterVec::new(
             Opts::new("gateway_auth_failures_total", "Failed authentications, by listener (proxy, admin)."),
             &["listener"],
@@ -118,7 +141,7 @@ impl Metrics {
             &["app", "scope", "decision"],
         )
         .expect("valid metric");
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(requests.clone()),
             Box::new(connections_active.clone()),
             Box::new(connections_max.clone()),
@@ -131,6 +154,9 @@ impl Metrics {
             Box::new(last_reload_success.clone()),
             Box::new(apps_loaded.clone()),
             Box::new(config_watcher_up.clone()),
+            Box::new(store_revision.clone()),
+            Box::new(store_up.clone()),
+            Box::new(store_sync_lag.clone()),
             Box::new(auth_failures.clone()),
             Box::new(app_changes.clone()),
             Box::new(scope_decisions.clone()),
@@ -156,6 +182,9 @@ impl Metrics {
             last_reload_success,
             apps_loaded,
             config_watcher_up,
+            store_revision,
+            store_up,
+            store_sync_lag,
             auth_failures_proxy: auth_failures.with_label_values(&["proxy"]),
             auth_failures_admin: auth_failures.with_label_values(&["admin"]),
             app_changes,

@@ -10,7 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio_postgres::{Client, NoTls};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::audit::Record;
 use crate::config::PostgresSettings;
@@ -40,14 +43,22 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
      CREATE INDEX gateway_audit_app ON gateway_audit (app, seq);",
 )];
 
-/// The key of the advisory lock that migrations (and, later, writes) take.
+/// The key of the advisory lock that migrations and every change take. Changes take it before
+/// `nextval('gateway_change')` and hold it to their commit, so change numbers become visible
+/// in the order they were given: a replica that has read every change up to N never later
+/// finds one below N appear.
 const LOCK_KEY: i64 = 0x6d69_6e69_6170_7067; // "miniappg"
+
+/// How long a connection attempt may take before the database counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("{}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("the database did not answer within {0:?}")]
+    Timeout(Duration),
     #[error(
         "the database's schema is at version {found}, newer than this gateway knows ({known}): \
          run a gateway at least as new as the one that migrated it"
@@ -55,6 +66,32 @@ pub enum PgError {
     NewerSchema { found: i32, known: i32 },
     #[error("{0}")]
     Settings(String),
+}
+
+impl PgError {
+    /// Whether the database could not be reached (rather than refusing what was asked): the
+    /// connection failed, closed, or the server is shutting down or starting up.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            PgError::Timeout(_) => true,
+            PgError::Db(e) => match e.as_db_error() {
+                None => true,
+                // 08: connection exceptions; 57P01-57P03: shutting down, cannot connect now
+                Some(db) => {
+                    let code = db.code().code();
+                    code.starts_with("08") || code.starts_with("57P0")
+                }
+            },
+            PgError::NewerSchema { .. } | PgError::Settings(_) => false,
+        }
+    }
+
+    /// As an I/O error: [`std::io::ErrorKind::NotConnected`] when the database is unreachable
+    /// (the admin API answers `503` to those).
+    pub fn into_io(self) -> std::io::Error {
+        let kind = if self.is_unavailable() { std::io::ErrorKind::NotConnected } else { std::io::ErrorKind::Other };
+        std::io::Error::new(kind, self)
+    }
 }
 
 /// What the database said (its message, not only "db error"), or what failed on the way.
@@ -71,36 +108,77 @@ fn describe(error: &tokio_postgres::Error) -> String {
     text
 }
 
-/// Connect once, as `settings` say; the connection is driven by a task of its own until the
-/// client is dropped.
-pub async fn connect(settings: &PostgresSettings) -> Result<Client, PgError> {
+/// The connection settings of `settings`, with the password and a connect timeout.
+fn connect_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config, PgError> {
     let mut config: tokio_postgres::Config =
         settings.url.parse().map_err(|e| PgError::Settings(format!("url: {e}")))?;
     if let Some(password) = &settings.password {
         config.password(password);
     }
-    let client = match config.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => {
-            let (client, connection) = config.connect(NoTls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "database connection closed");
-                }
-            });
-            client
-        }
-        _ => {
-            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(settings)?);
-            let (client, connection) = config.connect(tls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "database connection closed");
-                }
-            });
-            client
-        }
-    };
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config.application_name("miniapp-gateway");
+    Ok(config)
+}
+
+/// Connect once, as `settings` say; the connection is driven by a task of its own until the
+/// client is dropped.
+pub async fn connect(settings: &PostgresSettings) -> Result<Client, PgError> {
+    let (client, mut messages) = connect_listening(settings).await?;
+    // Nobody listens on this connection: its messages are notices only.
+    tokio::spawn(async move { while messages.recv().await.is_some() {} });
     Ok(client)
+}
+
+/// Connect, and hand every asynchronous message of the connection (notifications, notices) to
+/// the receiver; the receiver ends when the connection does.
+pub async fn connect_listening(
+    settings: &PostgresSettings,
+) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>), PgError> {
+    let config = connect_config(settings)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let attempt = async {
+        let client = match config.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(drive(connection, tx));
+                client
+            }
+            _ => {
+                let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(settings)?);
+                let (client, connection) = config.connect(tls).await?;
+                tokio::spawn(drive(connection, tx));
+                client
+            }
+        };
+        Ok::<Client, PgError>(client)
+    };
+    let limit = config.get_connect_timeout().copied().unwrap_or(CONNECT_TIMEOUT) + Duration::from_secs(1);
+    let client = tokio::time::timeout(limit, attempt).await.map_err(|_| PgError::Timeout(limit))??;
+    Ok((client, rx))
+}
+
+/// Poll a connection to its end, passing its messages on.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    messages: tokio::sync::mpsc::UnboundedSender<AsyncMessage>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(message)) => {
+                let _ = messages.send(message);
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %describe(&e), "database connection closed");
+                return;
+            }
+            None => return,
+        }
+    }
 }
 
 /// TLS to the database: its certificate must chain to `[store] ca`.
@@ -161,15 +239,63 @@ pub async fn migrate(client: &mut Client) -> Result<Migrated, PgError> {
     Ok(Migrated { from: found, to: known })
 }
 
+/// One app's row as a replica reads it: `definition` is `None` once the app is deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRow {
+    pub id: String,
+    pub definition: Option<String>,
+    /// The `gateway_change` number of the app's last change.
+    pub change: i64,
+}
+
+/// What a replica reads: the rows changed after the change it asked from, and the store's
+/// newest change number (0 for an empty store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub rows: Vec<AppRow>,
+    pub newest: i64,
+}
+
+/// The rows changed after change `after` (every app that exists, for `None`), read in one
+/// snapshot with the newest change number. A store whose newest change is below `after` has
+/// been replaced (restored from a backup, say): the caller reads it whole again.
+pub async fn read_changes(client: &mut Client, after: Option<i64>) -> Result<Changes, PgError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let rows = match after {
+        Some(after) => {
+            let sql = "SELECT id, definition, change FROM gateway_apps WHERE change > $1 ORDER BY change";
+            tx.query(sql, &[&after]).await?
+        }
+        None => {
+            let sql = "SELECT id, definition, change FROM gateway_apps WHERE definition IS NOT NULL ORDER BY change";
+            tx.query(sql, &[]).await?
+        }
+    };
+    let newest: i64 = tx.query_one("SELECT coalesce(max(change), 0) FROM gateway_apps", &[]).await?.get(0);
+    tx.commit().await?;
+    let rows = rows.iter().map(|row| AppRow { id: row.get(0), definition: row.get(1), change: row.get(2) }).collect();
+    Ok(Changes { rows, newest })
+}
+
 /// The apps of the management API in PostgreSQL: one row an app (`definition` NULL once it
 /// is deleted, so that replicas see the delete), and the audit rows beside it. Every change is
 /// one transaction under the advisory lock: the audit row, the app's row with the next value
-/// of `gateway_change`, and a `NOTIFY` that wakes the replicas. Its methods block: call them
-/// off the async workers (`spawn_blocking`), as the admin API does.
+/// of `gateway_change`, and a `NOTIFY` (its payload the change number) that wakes the
+/// replicas. Its methods block: call them off the async workers (`spawn_blocking`), as the
+/// admin API does. Connections are made when first needed and made again after the database
+/// was away; while it is, every method fails with [`std::io::ErrorKind::NotConnected`].
 pub struct PgStore {
     /// The main config file (apps defined there are read-only).
     config: PathBuf,
-    client: tokio::sync::Mutex<Client>,
+    settings: PostgresSettings,
+    /// `pool_size` connections, each made when first needed.
+    pool: Vec<tokio::sync::Mutex<Option<Client>>>,
+    next: AtomicUsize,
     runtime: tokio::runtime::Handle,
 }
 
@@ -177,19 +303,54 @@ pub struct PgStore {
 pub const CHANNEL: &str = "gateway_apps";
 
 impl PgStore {
+    /// A store on the database of `settings`, connecting when first used. Its methods block on
+    /// `runtime`: call them outside it (in `spawn_blocking`, or from a plain thread).
+    pub fn new(settings: &PostgresSettings, config: &Path, runtime: tokio::runtime::Handle) -> PgStore {
+        let pool = (0..settings.pool_size.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect();
+        PgStore { config: config.to_path_buf(), settings: settings.clone(), pool, next: AtomicUsize::new(0), runtime }
+    }
+
     /// Connect, and bring the schema up to date.
     pub async fn connect(settings: &PostgresSettings, config: &Path) -> Result<PgStore, PgError> {
         let mut client = connect(settings).await?;
         migrate(&mut client).await?;
-        Ok(PgStore {
-            config: config.to_path_buf(),
-            client: tokio::sync::Mutex::new(client),
-            runtime: tokio::runtime::Handle::current(),
+        let store = PgStore::new(settings, config, tokio::runtime::Handle::current());
+        *store.pool[0].lock().await = Some(client);
+        Ok(store)
+    }
+
+    /// Run `work` on a connection of the pool (a free one if there is one), connecting it
+    /// first if it is not; a connection the database dropped is made again next time.
+    fn with_client<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut Client) -> Result<T, PgError>,
+    ) -> Result<T, PgError> {
+        self.runtime.block_on(async {
+            let mut slot = match self.pool.iter().find_map(|slot| slot.try_lock().ok()) {
+                Some(free) => free,
+                None => self.pool[self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len()].lock().await,
+            };
+            if slot.as_ref().is_none_or(Client::is_closed) {
+                *slot = Some(connect(&self.settings).await?);
+            }
+            let client = slot.as_mut().expect("connected above");
+            let result = work(client).await;
+            if result.as_ref().is_err_and(PgError::is_unavailable) {
+                *slot = None;
+            }
+            result
         })
     }
 
-    fn run<T>(&self, work: impl std::future::Future<Output = Result<T, PgError>>) -> std::io::Result<T> {
-        self.runtime.block_on(work).map_err(std::io::Error::other)
+    fn run<T>(&self, work: impl AsyncFnOnce(&mut Client) -> Result<T, PgError>) -> std::io::Result<T> {
+        self.with_client(work).map_err(PgError::into_io)
+    }
+
+    /// Every app the store holds: its definition by id (for `apps export` and `apps import`).
+    pub fn apps(&self) -> std::io::Result<crate::config::StoreApps> {
+        let changes = self.run(async |client| read_changes(client, None).await)?;
+        let apps = changes.rows.into_iter().filter_map(|row| Some((row.id, Arc::from(row.definition?)))).collect();
+        Ok(Arc::new(apps))
     }
 }
 
@@ -201,10 +362,24 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Write `record` as an audit row, within `tx`.
+async fn audit(tx: &tokio_postgres::Transaction<'_>, record: &Record) -> Result<(), PgError> {
+    let value = serde_json::to_value(record).map_err(|e| PgError::Settings(e.to_string()))?;
+    let revision = record.revision.map(to_i64);
+    let sql = "INSERT INTO gateway_audit (app, revision, outcome, record) VALUES ($1, $2, $3, $4)";
+    tx.execute(sql, &[&record.app, &revision, &record.outcome, &value]).await?;
+    Ok(())
+}
+
+/// Wake the replicas with change number `change` (delivered when `tx` commits).
+async fn notify(tx: &tokio_postgres::Transaction<'_>, change: i64) -> Result<(), PgError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &change.to_string()]).await?;
+    Ok(())
+}
+
 impl Store for PgStore {
     fn place(&self, id: &str) -> std::io::Result<Place> {
-        let row = self.run(async {
-            let client = self.client.lock().await;
+        let row = self.run(async |client| {
             Ok(client.query_opt("SELECT revision, definition FROM gateway_apps WHERE id = $1", &[&id]).await?)
         })?;
         if let Some(row) = row
@@ -232,8 +407,7 @@ impl Store for PgStore {
     }
 
     fn history(&self, id: &str) -> std::io::Result<Vec<Record>> {
-        let rows = self.run(async {
-            let client = self.client.lock().await;
+        let rows = self.run(async |client| {
             // An applied change that then failed to be put in force is left out.
             let sql = "SELECT a.record FROM gateway_audit a WHERE a.app = $1 AND a.outcome = 'applied'
                        AND NOT EXISTS (SELECT 1 FROM gateway_audit f WHERE f.app = a.app AND f.revision = a.revision
@@ -249,8 +423,7 @@ impl Store for PgStore {
     fn next_revision(&self, id: &str, _current: Option<&Stored>) -> std::io::Result<u64> {
         // The app's row keeps its revision after a delete, and the audit rows every number
         // given, made or failed: none is given twice.
-        let row = self.run(async {
-            let client = self.client.lock().await;
+        let row = self.run(async |client| {
             let sql = "SELECT greatest(
                            (SELECT max(revision) FROM gateway_apps WHERE id = $1),
                            (SELECT max(revision) FROM gateway_audit WHERE app = $1 AND outcome <> 'dry_run'))";
@@ -261,20 +434,15 @@ impl Store for PgStore {
     }
 
     fn note(&self, record: &Record) -> std::io::Result<()> {
-        let value = serde_json::to_value(record).map_err(std::io::Error::other)?;
-        self.run(async {
-            let client = self.client.lock().await;
-            let revision = record.revision.map(to_i64);
-            let sql = "INSERT INTO gateway_audit (app, revision, outcome, record) VALUES ($1, $2, $3, $4)";
-            client.execute(sql, &[&record.app, &revision, &record.outcome, &value]).await?;
-            Ok(())
+        self.run(async |client| {
+            let tx = client.transaction().await?;
+            audit(&tx, record).await?;
+            Ok(tx.commit().await?)
         })
     }
 
     fn put(&self, rendered: &Rendered, current: Option<&Stored>, record: &Record) -> Result<(), WriteError> {
-        let value = serde_json::to_value(record).map_err(std::io::Error::other)?;
-        let outcome = self.runtime.block_on(async {
-            let mut client = self.client.lock().await;
+        let outcome = self.with_client(async |client| {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
             let now = tx
@@ -284,55 +452,51 @@ impl Store for PgStore {
                 now.as_ref().and_then(|row| row.get::<_, Option<String>>(1).map(|text| (revision_of(row), text)));
             let expected = current.map(|stored| (stored.revision, stored.text.clone()));
             if found != expected {
-                return Ok::<bool, PgError>(false);
+                return Ok(false);
             }
-            let revision = record.revision.map(to_i64);
-            tx.execute(
-                "INSERT INTO gateway_audit (app, revision, outcome, record) VALUES ($1, $2, $3, $4)",
-                &[&record.app, &revision, &record.outcome, &value],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO gateway_apps (id, revision, definition, change, changed_at)
-                 VALUES ($1, $2, $3, nextval('gateway_change'), now())
-                 ON CONFLICT (id) DO UPDATE SET revision = $2, definition = $3,
-                     change = nextval('gateway_change'), changed_at = now()",
-                &[&record.app, &revision.unwrap_or(0), &rendered.text],
-            )
-            .await?;
-            tx.execute(&format!("NOTIFY {CHANNEL}"), &[]).await?;
+            audit(&tx, record).await?;
+            let revision = record.revision.map_or(0, to_i64);
+            let change: i64 = tx
+                .query_one(
+                    "INSERT INTO gateway_apps (id, revision, definition, change, changed_at)
+                     VALUES ($1, $2, $3, nextval('gateway_change'), now())
+                     ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision,
+                         definition = EXCLUDED.definition, change = EXCLUDED.change, changed_at = EXCLUDED.changed_at
+                     RETURNING change",
+                    &[&record.app, &revision, &rendered.text],
+                )
+                .await?
+                .get(0);
+            notify(&tx, change).await?;
             tx.commit().await?;
             Ok(true)
         });
         match outcome {
             Ok(true) => Ok(()),
             Ok(false) => Err(WriteError::Changed),
-            Err(e) => Err(WriteError::Io(std::io::Error::other(e))),
+            Err(e) => Err(WriteError::Io(e.into_io())),
         }
     }
 
     fn restore(&self, _rendered: &Rendered, previous: Option<&Stored>, record: &Record) -> std::io::Result<()> {
-        let value = serde_json::to_value(record).map_err(std::io::Error::other)?;
-        self.run(async {
-            let mut client = self.client.lock().await;
+        self.run(async |client| {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
-            let revision = record.revision.map(to_i64);
-            tx.execute(
-                "INSERT INTO gateway_audit (app, revision, outcome, record) VALUES ($1, $2, $3, $4)",
-                &[&record.app, &revision, &record.outcome, &value],
-            )
-            .await?;
+            audit(&tx, record).await?;
             // Back to what it was, as a change of its own (replicas may have taken the one undone).
             let text = previous.map(|stored| stored.text.clone());
-            let kept = previous.map_or(revision.unwrap_or(0), |stored| to_i64(stored.revision));
-            tx.execute(
-                "UPDATE gateway_apps SET revision = $2, definition = $3, change = nextval('gateway_change'),
-                     changed_at = now() WHERE id = $1",
-                &[&record.app, &kept, &text],
-            )
-            .await?;
-            tx.execute(&format!("NOTIFY {CHANNEL}"), &[]).await?;
+            let kept = previous.map_or(record.revision.map_or(0, to_i64), |stored| to_i64(stored.revision));
+            let change: Option<i64> = tx
+                .query_opt(
+                    "UPDATE gateway_apps SET revision = $2, definition = $3, change = nextval('gateway_change'),
+                         changed_at = now() WHERE id = $1 RETURNING change",
+                    &[&record.app, &kept, &text],
+                )
+                .await?
+                .map(|row| row.get(0));
+            if let Some(change) = change {
+                notify(&tx, change).await?;
+            }
             tx.commit().await?;
             Ok(())
         })

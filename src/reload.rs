@@ -39,6 +39,8 @@ pub enum Trigger {
     /// The periodic check found a file changed.
     Periodic,
     Admin,
+    /// The PostgreSQL store changed (a notification, or the periodic poll found changes).
+    Store,
 }
 
 pub struct Reloader {
@@ -51,6 +53,8 @@ pub struct Reloader {
     /// The store of the config in force, kept while its files stay the same (it keeps an index
     /// of the audit log).
     store: std::sync::Mutex<Option<StoreFor>>,
+    /// With `[store] backend = "postgres"`: the replica that keeps the store's apps.
+    replica: std::sync::OnceLock<Arc<crate::replica::Replica>>,
 }
 
 /// A store, and the config file and `apps_dir` it was made for.
@@ -146,7 +150,24 @@ impl Reloader {
             loader: tokio::sync::Mutex::new(loader),
             last_seen: std::sync::Mutex::new(last_seen),
             store: std::sync::Mutex::new(None),
+            replica: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keep the store's apps through `replica` from now on (once, right after the bind).
+    pub fn attach(&self, replica: Arc<crate::replica::Replica>) {
+        if self.replica.set(replica).is_err() {
+            tracing::warn!("a second store replica was attached; the first stays");
+        }
+    }
+
+    /// The replica of the PostgreSQL store, when the config uses it.
+    pub fn replica(&self) -> Option<&Arc<crate::replica::Replica>> {
+        self.replica.get()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     fn fail(&self, trigger: Trigger, generation: u64, errors: ConfigErrors) -> Result<u64, ConfigErrors> {
@@ -155,10 +176,28 @@ impl Reloader {
         Err(errors)
     }
 
-    /// Load the config file again; swap it in and revoke what it no longer allows, or keep
-    /// the running policy and return every error.
+    /// Load the config file again (with the PostgreSQL store: after reading the store's
+    /// changes, when it answers); swap it in and revoke what it no longer allows, or keep the
+    /// running policy and return every error.
     pub async fn reload(&self, trigger: Trigger) -> Result<u64, ConfigErrors> {
+        match self.replica.get() {
+            Some(replica) => replica.sync(self, trigger).await,
+            None => self.reload_with(trigger, None).await,
+        }
+    }
+
+    /// [`Reloader::reload`], with the store's apps replaced by `store_apps` when given (they
+    /// stay the loader's even when the load fails: what the store holds is what the next load
+    /// must take).
+    pub(crate) async fn reload_with(
+        &self,
+        trigger: Trigger,
+        store_apps: Option<crate::config::StoreApps>,
+    ) -> Result<u64, ConfigErrors> {
         let mut loader = self.loader.lock().await;
+        if let Some(apps) = store_apps {
+            loader.set_store_apps(apps);
+        }
         let current = self.shared.live.load_full();
         let path = current.config.path.clone();
         // File I/O and parsing run off the async workers; the loader (with its cache) goes
@@ -244,6 +283,9 @@ impl Reloader {
 
     /// The store of the config in force: where the management API reads and writes apps.
     pub fn store(&self) -> Arc<dyn crate::store::Store> {
+        if let Some(replica) = self.replica.get() {
+            return replica.store();
+        }
         let files = self.config_files();
         let mut kept = self.store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match kept.as_ref() {

@@ -156,8 +156,23 @@ pub(crate) async fn history(reloader: &Reloader, id: &str) -> Response<Body> {
             let consents = format!("/v1/scopes/history?app={id}");
             json_response(StatusCode::OK, &json!({ "revisions": records, "consent_history": consents }))
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app's history: {e}")),
+        Err(e) => store_failed("cannot read the app's history", &e),
     }
+}
+
+/// How long a client is asked to wait before writing again while the store is unreachable.
+const STORE_RETRY_AFTER_SECONDS: u32 = 5;
+
+/// `503` with `Retry-After` when the store cannot be reached (the database is down: the policy
+/// in force stays, and writes wait until it is back), `500` for any other failure.
+fn store_failed(what: &str, e: &std::io::Error) -> Response<Body> {
+    if e.kind() == std::io::ErrorKind::NotConnected {
+        let message = format!("{what}: the store cannot be reached ({e}); the policy in force stays, try again later");
+        let mut response = error(StatusCode::SERVICE_UNAVAILABLE, &message);
+        response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(STORE_RETRY_AFTER_SECONDS));
+        return response;
+    }
+    error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{what}: {e}"))
 }
 
 /// `409` for an app defined where the store does not write.
@@ -451,7 +466,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
         Ok(Place::Writable(stored)) => Some(*stored),
         Ok(Place::Free) => None,
         Ok(Place::ReadOnly(file)) => return read_only(id, &file),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app: {e}")),
+        Err(e) => return store_failed("cannot read the app", &e),
     };
     let revision = current.as_ref().map(|stored| stored.revision);
     let stale = |current: Option<&Stored>| {
@@ -502,7 +517,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     let (owned, read) = (id.to_owned(), current.clone());
     let next = match off(store, move |store| store.next_revision(&owned, read.as_ref())).await {
         Ok(next) => next,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the app's history: {e}")),
+        Err(e) => return store_failed("cannot read the app's history", &e),
     };
     if let Some(doc) = &doc
         && doc.has_token
@@ -540,7 +555,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
             let message = "the app's file changed since it was read (an edit by hand?): read it again and retry";
             return error(StatusCode::CONFLICT, message);
         }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &format!("the change was not made: {e}")),
+        Err(WriteError::Io(e)) => return store_failed("the change was not made", &e),
     }
     shared.metrics.app_changes.with_label_values(&[kind]).inc();
     tracing::info!(app = id, change = kind, revision = next, user = %who.user, client = %who.client, "app changed");

@@ -155,6 +155,9 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         (&Method::GET, "/readyz") => {
             return if shared.unready.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else if reloader.replica().is_some_and(|replica| !replica.ready()) {
+                // ready_without_store = false: this replica's policy may be falling behind.
+                text(StatusCode::SERVICE_UNAVAILABLE, "the store cannot be reached\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             };
@@ -250,6 +253,19 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
                 .filter(|app| !app.is_empty());
             events::stream(shared, &caller.state.streams, app)
         }
+        (&Method::GET, "/v1/status") => {
+            let store = match reloader.replica() {
+                Some(replica) => serde_json::to_value(replica.status()).unwrap_or_default(),
+                None => json!({ "backend": "files" }),
+            };
+            let body = json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "generation": snapshot.config.generation,
+                "apps": policy.app_count(),
+                "store": store,
+            });
+            json_response(StatusCode::OK, &body)
+        }
         (&Method::GET, "/v1/me") => {
             let (name, role) = user.map_or((None, Role::Admin), |user| (Some(user.name.as_str()), user.role));
             json_response(StatusCode::OK, &json!({ "user": name, "role": role.as_str(), "auth": user.is_some() }))
@@ -313,7 +329,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         (_, "/v1/scopes/settings") => method_not_allowed(&method, "GET, PUT"),
         (
             _,
-            "/v1/apps" | "/v1/openapi.json" | "/v1/events" | "/v1/me" | "/proxy.pac" | "/metrics" | "/healthz"
+            "/v1/apps" | "/v1/openapi.json" | "/v1/events" | "/v1/me" | "/v1/status" | "/proxy.pac" | "/metrics" | "/healthz"
             | "/readyz" | "/v1/scopes/prompts" | "/v1/scopes/history",
         ) => method_not_allowed(&method, "GET"),
         _ => error(StatusCode::NOT_FOUND, &format!("no admin path {path}")),

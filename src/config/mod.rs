@@ -70,6 +70,8 @@ pub struct PostgresSettings {
     /// The last good snapshot, for starts while the store is down.
     pub cache: PathBuf,
     pub poll_interval: Duration,
+    /// Connections the management API's writes and reads share.
+    pub pool_size: usize,
     /// Whether `/readyz` stays 200 while the store is unreachable (the last good policy is
     /// still enforced).
     pub ready_without_store: bool,
@@ -83,6 +85,7 @@ impl fmt::Debug for PostgresSettings {
             .field("ca", &self.ca)
             .field("cache", &self.cache)
             .field("poll_interval", &self.poll_interval)
+            .field("pool_size", &self.pool_size)
             .field("ready_without_store", &self.ready_without_store)
             .finish()
     }
@@ -271,7 +274,7 @@ pub fn load_str(path: &Path, text: String) -> Result<Config, ConfigErrors> {
 
 /// The apps of a PostgreSQL store as a replica holds them: each app's definition (its
 /// `[[app]]` table as config text) by id.
-pub type StoreApps = Arc<BTreeMap<String, String>>;
+pub type StoreApps = Arc<BTreeMap<String, Arc<str>>>;
 
 pub use validate::store_source;
 

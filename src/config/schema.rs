@@ -49,6 +49,7 @@ pub struct RawStore {
     pub ca: Option<Spanned<String>>,
     pub cache: Option<Spanned<String>>,
     pub poll_interval: Option<Spanned<HumanDuration>>,
+    pub pool_size: Option<Spanned<i64>>,
     pub ready_without_store: Option<bool>,
 }
 

@@ -38,6 +38,10 @@ const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_GLOBAL_ENTRIES: usize = 10_000;
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const DEFAULT_MAX_DOMAINS: usize = 30;
+/// `[store] pool_size`: the database connections of the management API (a replica's listener
+/// has one more of its own).
+const DEFAULT_POOL_SIZE: usize = 4;
+const MAX_POOL_SIZE: usize = 64;
 
 /// Load as [`load`] would, but with the `apps_dir` file `file` holding `text` (or, for
 /// `None`, absent): what the config would be after a write, checked before it is made.
@@ -382,7 +386,7 @@ impl Validator {
             let text = match self.candidates.get(&file) {
                 Some(Some(text)) => text.clone(),
                 Some(None) => continue, // removed by the change being checked
-                None => store_apps[id].clone(),
+                None => store_apps[id].to_string(),
             };
             self.take_apps_text(file, Ok(text), Some(id), settings, cache, apps);
         }
@@ -1075,6 +1079,7 @@ impl Validator {
             s.ca.as_ref().map(|v| ("ca", v.span())),
             s.cache.as_ref().map(|v| ("cache", v.span())),
             s.poll_interval.as_ref().map(|v| ("poll_interval", v.span())),
+            s.pool_size.as_ref().map(|v| ("pool_size", v.span())),
         ];
         match backend {
             "files" => {
@@ -1160,12 +1165,23 @@ impl Validator {
                 Duration::from_secs(5)
             }
         };
+        let pool_size = match &s.pool_size {
+            None => DEFAULT_POOL_SIZE,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n @ 1..=MAX_POOL_SIZE) => n,
+                _ => {
+                    self.error(main, n.span(), format!("pool_size must be 1 to {MAX_POOL_SIZE} connections"));
+                    DEFAULT_POOL_SIZE
+                }
+            },
+        };
         StoreSettings::Postgres(PostgresSettings {
             url,
             password,
             ca,
             cache,
             poll_interval,
+            pool_size,
             ready_without_store: s.ready_without_store.unwrap_or(true),
         })
     }
@@ -1368,13 +1384,13 @@ id = "demo"
         let config = load_text(Path::new("/etc/gw/gw.toml"), text.to_owned(), &mut AppsCache::default()).unwrap();
         let StoreSettings::Postgres(pg) = config.store else { panic!("not postgres") };
         assert_eq!(
-            (pg.cache.as_path(), pg.poll_interval, pg.ready_without_store),
-            (Path::new("/etc/gw/cache/apps.json"), Duration::from_secs(2), true)
+            (pg.cache.as_path(), pg.poll_interval, pg.pool_size, pg.ready_without_store),
+            (Path::new("/etc/gw/cache/apps.json"), Duration::from_secs(2), 4, true)
         );
         assert_eq!(
             errors(
                 "[policy]\napps_dir = \"apps\"\n\n[store]\nbackend = \"postgres\"\nurl = \"postgres://gw:pw@db/gateway\"\n\
-                 poll_interval = \"1ms\"\n"
+                 poll_interval = \"1ms\"\npool_size = 0\n"
             ),
             [
                 "gw.toml:2:12: cannot read apps_dir apps: No such file or directory (os error 2)",
@@ -1382,6 +1398,7 @@ id = "demo"
                 r#"gw.toml:5:11: backend = "postgres" needs cache = "…/apps.json": the last good snapshot, for starts while the database is down"#,
                 "gw.toml:6:7: url holds a password: put it in password_file or MINIAPP_GATEWAY_DATABASE_PASSWORD",
                 "gw.toml:7:17: poll_interval must be at least 100ms",
+                "gw.toml:8:13: pool_size must be 1 to 64 connections",
             ]
         );
         assert_eq!(
