@@ -34,8 +34,6 @@ use crate::reload::{Reloader, Trigger};
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between two reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often the lag gauge is brought up to date.
-const LAG_EVERY: Duration = Duration::from_secs(1);
 /// What the cache file says it is, so that a file of another kind is never taken for it.
 const CACHE_FORMAT: &str = "miniapp-gateway store cache 1";
 
@@ -271,7 +269,8 @@ impl Replica {
         self.publish(metrics);
     }
 
-    fn publish(&self, metrics: &Metrics) {
+    /// Set the `gateway_store_*` gauges (the lag as of now: `/metrics` calls this first).
+    pub(crate) fn publish(&self, metrics: &Metrics) {
         let state = self.state();
         metrics.store_revision.set(state.enforced);
         metrics.store_up.set(i64::from(state.up));
@@ -285,8 +284,6 @@ impl Replica {
         let mut poll = tokio::time::interval(self.settings.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.reset();
-        let mut lag_tick = tokio::time::interval(LAG_EVERY);
-        lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut messages: Option<mpsc::UnboundedReceiver<AsyncMessage>> = None;
         loop {
             let Some(listening) = messages.as_mut() else {
@@ -303,14 +300,7 @@ impl Replica {
                             state.up = !e.is_unavailable() && state.up;
                             state.current = false;
                         });
-                        let wake = tokio::time::sleep(backoff);
-                        tokio::pin!(wake);
-                        loop {
-                            tokio::select! {
-                                _ = &mut wake => break,
-                                _ = lag_tick.tick() => self.publish(&metrics),
-                            }
-                        }
+                        tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
@@ -334,7 +324,6 @@ impl Replica {
                 _ = poll.tick() => {
                     let _ = self.sync(&reloader, Trigger::Store).await;
                 }
-                _ = lag_tick.tick() => self.publish(&metrics),
             }
             if !self.state().up {
                 // The read failed: listen again (after the backoff) before trusting the quiet.
@@ -497,7 +486,7 @@ mod tests {
         let apps: BTreeMap<String, Arc<str>> = [("shop".to_owned(), Arc::from("[[app]]\nid = \"shop\"\n"))].into();
         write_cache(&path, &CacheSnapshot { change: 42, apps: Arc::new(apps.clone()) }).unwrap();
         let (change, saved_at, read) = read_cache(&path).unwrap();
-        assert_eq!((change, *read), (42, apps));
+        assert_eq!((change, &*read), (42, &apps));
         assert!(unix_now().abs_diff(saved_at) < 60);
         std::fs::write(&path, "{\"apps\": {}}").unwrap();
         assert!(read_cache(&path).unwrap_err().starts_with("not a store cache file"));

@@ -149,6 +149,9 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
     let method = req.method().clone();
     match (&method, path.as_str()) {
         (&Method::GET, "/metrics") => {
+            if let Some(replica) = reloader.replica() {
+                replica.publish(&shared.metrics);
+            }
             return respond(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render());
         }
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
