@@ -321,10 +321,7 @@ impl PgStore {
 
     /// Run `work` on a connection of the pool (a free one if there is one), connecting it
     /// first if it is not; a connection the database dropped is made again next time.
-    fn with_client<T>(
-        &self,
-        work: impl AsyncFnOnce(&mut Client) -> Result<T, PgError>,
-    ) -> Result<T, PgError> {
+    fn with_client<T>(&self, work: impl AsyncFnOnce(&mut Client) -> Result<T, PgError>) -> Result<T, PgError> {
         self.runtime.block_on(async {
             let mut slot = match self.pool.iter().find_map(|slot| slot.try_lock().ok()) {
                 Some(free) => free,

@@ -39,6 +39,9 @@ pub enum Trigger {
     /// The periodic check found a file changed.
     Periodic,
     Admin,
+    /// An app written through the admin API (with the PostgreSQL store: a reload only if the
+    /// store's notification has not already put the write in force).
+    Write,
     /// The PostgreSQL store changed (a notification, or the periodic poll found changes).
     Store,
 }

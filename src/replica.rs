@@ -127,7 +127,10 @@ fn unix_now() -> u64 {
 impl Replica {
     /// Read the store's apps (migrating its schema first), or the cache file if the store
     /// cannot be reached. Returns the replica, the apps to load and where they came from.
-    pub async fn open(settings: &PostgresSettings, config: &Path) -> Result<(Arc<Replica>, StoreApps, Origin), OpenError> {
+    pub async fn open(
+        settings: &PostgresSettings,
+        config: &Path,
+    ) -> Result<(Arc<Replica>, StoreApps, Origin), OpenError> {
         let store = Arc::new(PgStore::new(settings, config, tokio::runtime::Handle::current()));
         let read = async {
             let mut client = pg::connect(settings).await?;
@@ -137,11 +140,8 @@ impl Replica {
         };
         let (synced, state, origin) = match read.await {
             Ok((client, changes)) => {
-                let apps: BTreeMap<String, Arc<str>> = changes
-                    .rows
-                    .into_iter()
-                    .filter_map(|row| Some((row.id, Arc::from(row.definition?))))
-                    .collect();
+                let apps: BTreeMap<String, Arc<str>> =
+                    changes.rows.into_iter().filter_map(|row| Some((row.id, Arc::from(row.definition?)))).collect();
                 let synced = Synced { apps: Arc::new(apps), change: changes.newest, client: Some(client) };
                 let state = State {
                     enforced: changes.newest,
@@ -179,7 +179,8 @@ impl Replica {
             }
         };
         let apps = synced.apps.clone();
-        let snapshot = (!state.from_cache).then(|| Arc::new(CacheSnapshot { change: synced.change, apps: apps.clone() }));
+        let snapshot =
+            (!state.from_cache).then(|| Arc::new(CacheSnapshot { change: synced.change, apps: apps.clone() }));
         let replica = Replica {
             settings: settings.clone(),
             store,
@@ -192,7 +193,9 @@ impl Replica {
             let path = replica.settings.cache.clone();
             match tokio::task::spawn_blocking(move || write_cache(&path, &snapshot)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, cache = %replica.settings.cache.display(), "cannot write the store's cache"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, cache = %replica.settings.cache.display(), "cannot write the store's cache")
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot write the store's cache"),
             }
         }
@@ -368,7 +371,10 @@ impl Replica {
                 None
             }
         };
-        if changed.is_none() && trigger == Trigger::Store {
+        // Nothing new, and what was read is in force: a write made here that the store's
+        // notification already put in force needs no second reload.
+        let in_force = self.state().enforced == synced.change;
+        if changed.is_none() && (trigger == Trigger::Store || (trigger == Trigger::Write && in_force)) {
             return Ok(reloader.shared().live.load().config.generation);
         }
         let count = changed.as_ref().map_or(0, |(_, count)| *count);
@@ -386,10 +392,18 @@ impl Replica {
                 state.current = up && listening && state.newest == change;
             });
             if count > 0 {
-                tracing::info!(revision = change, changed = count, generation, took_ms = started.elapsed().as_millis() as u64, "store changes in force");
-                reloader.shared().events.publish(None, "store", || {
-                    serde_json::json!({ "revision": change, "generation": generation, "changed": count })
-                });
+                tracing::info!(
+                    revision = change,
+                    changed = count,
+                    generation,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "store changes in force"
+                );
+                reloader.shared().events.publish(
+                    None,
+                    "store",
+                    || serde_json::json!({ "revision": change, "generation": generation, "changed": count }),
+                );
                 self.cache.send_replace(Some(Arc::new(CacheSnapshot { change, apps })));
             }
         }

@@ -472,8 +472,7 @@ async fn a_write_on_one_replica_is_enforced_by_the_others() {
     assert_eq!(status, 201, "{written}");
     let newest: i64 = pg.client().await.query_one("SELECT max(change) FROM gateway_apps", &[]).await.unwrap().get(0);
     for replica in &replicas[1..] {
-        until("the write enforced on the other replicas", || async { replica.connect(HOSTS[0]).await.0 == 200 })
-            .await;
+        until("the write enforced on the other replicas", || async { replica.connect(HOSTS[0]).await.0 == 200 }).await;
         // a real tunnel, bytes through
         let answer = common::connect_as(replica.proxy, "shop", "", &format!("{}:443", HOSTS[0])).await;
         let mut tls = common::tls_over(answer.stream, &origin.ca, HOSTS[0]).await;
@@ -508,7 +507,9 @@ async fn sixteen_writers_on_three_replicas_converge_on_one_revision_and_policy()
                 let replica = &replicas[i % 3];
                 let own = format!("app{i}");
                 assert_eq!(create_app(replica, &own).await, 201);
-                for (app, domain) in [(own.as_str(), format!("w{i}.own.example")), ("shared", format!("w{i}.shared.example"))] {
+                for (app, domain) in
+                    [(own.as_str(), format!("w{i}.own.example")), ("shared", format!("w{i}.shared.example"))]
+                {
                     loop {
                         let (status, body) = add_domain(replica, app, &domain).await;
                         match status {
@@ -683,11 +684,10 @@ async fn two_replicas_starting_together_migrate_once() {
     let Some(pg) = Postgres::start() else { return };
     let origin = common::Origin::start(&HOSTS).await;
     let dir = tempfile::tempdir().unwrap();
-    let configs = [
-        replica_config(&pg, dir.path(), "a", origin.addr, ""),
-        replica_config(&pg, dir.path(), "b", origin.addr, ""),
-    ];
-    let starting: Vec<_> = configs.iter().cloned().map(|config| std::thread::spawn(move || Replica::start(&config))).collect();
+    let configs =
+        [replica_config(&pg, dir.path(), "a", origin.addr, ""), replica_config(&pg, dir.path(), "b", origin.addr, "")];
+    let starting: Vec<_> =
+        configs.iter().cloned().map(|config| std::thread::spawn(move || Replica::start(&config))).collect();
     let replicas: Vec<Replica> = starting.into_iter().map(|start| start.join().unwrap()).collect();
     let migrated = replicas.iter().filter(|replica| replica.logged("database schema migrated")).count();
     assert_eq!(migrated, 1, "exactly one of them migrated");
@@ -719,17 +719,19 @@ async fn apps_move_from_the_files_to_postgresql_and_back() {
     let postgres = pg.config(dir.path());
     let p = postgres.to_str().unwrap();
     let diff = gateway(&["apps", "diff", "-c", p, exported.to_str().unwrap()]);
-    assert_eq!(String::from_utf8_lossy(&diff.stdout), "+ shop (new)\n1 change\n", "{}", String::from_utf8_lossy(&diff.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&diff.stdout),
+        "+ shop (new)\n1 change\n",
+        "{}",
+        String::from_utf8_lossy(&diff.stderr)
+    );
     let import = gateway(&["apps", "import", "-c", p, exported.to_str().unwrap()]);
     assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
     assert_eq!(String::from_utf8_lossy(&import.stdout), "create shop (revision 1)\n1 change imported\n");
     // in the database, with its audit row, and the same when exported back
     let db = pg.client().await;
-    let user: String = db
-        .query_one("SELECT record->>'user' FROM gateway_audit WHERE app = 'shop'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let user: String =
+        db.query_one("SELECT record->>'user' FROM gateway_audit WHERE app = 'shop'", &[]).await.unwrap().get(0);
     assert_eq!(user, "import");
     let back = gateway(&["apps", "export", "-c", p]);
     assert_eq!(String::from_utf8_lossy(&back.stdout), String::from_utf8_lossy(&export.stdout));

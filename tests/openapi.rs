@@ -221,6 +221,7 @@ async fn every_route_answers_as_the_openapi_document_says() {
     assert_eq!(api.call("DELETE", app, "/v1/apps/fresh", "If-Match: \"8\"\r\n", None).await, 204);
     assert_eq!(api.call("GET", "/v1/openapi.json", "/v1/openapi.json", "", None).await, 200);
     assert_eq!(api.call("GET", "/v1/me", "/v1/me", "", None).await, 200);
+    assert_eq!(api.call("GET", "/v1/status", "/v1/status", "", None).await, 200);
     let decisions = "/v1/apps/{id}/decisions";
     assert_eq!(connect_as(gw.addr(), "shop", "x", "evil.example:443").await.reason(), "not_whitelisted");
     assert_eq!(api.call("GET", decisions, "/v1/apps/shop/decisions", "", None).await, 200);

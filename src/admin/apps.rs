@@ -559,7 +559,7 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     }
     shared.metrics.app_changes.with_label_values(&[kind]).inc();
     tracing::info!(app = id, change = kind, revision = next, user = %who.user, client = %who.client, "app changed");
-    match reloader.reload(Trigger::Admin).await {
+    match reloader.reload(Trigger::Write).await {
         Ok(generation) => {
             write.shared.events.publish(Some(id), "change", || {
                 json!({ "app": id, "change": kind, "revision": next, "user": write.who.user, "generation": generation })

@@ -332,8 +332,8 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         (_, "/v1/scopes/settings") => method_not_allowed(&method, "GET, PUT"),
         (
             _,
-            "/v1/apps" | "/v1/openapi.json" | "/v1/events" | "/v1/me" | "/v1/status" | "/proxy.pac" | "/metrics" | "/healthz"
-            | "/readyz" | "/v1/scopes/prompts" | "/v1/scopes/history",
+            "/v1/apps" | "/v1/openapi.json" | "/v1/events" | "/v1/me" | "/v1/status" | "/proxy.pac" | "/metrics"
+            | "/healthz" | "/readyz" | "/v1/scopes/prompts" | "/v1/scopes/history",
         ) => method_not_allowed(&method, "GET"),
         _ => error(StatusCode::NOT_FOUND, &format!("no admin path {path}")),
     }

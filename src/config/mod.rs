@@ -61,7 +61,7 @@ pub enum StoreSettings {
 /// `[store] backend = "postgres"`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PostgresSettings {
-    /// The connection URL as written (without a password).
+    /// The connection URL as written (without a password), or from `MINIAPP_GATEWAY_DATABASE_URL`.
     pub url: String,
     /// From `password_file` or `MINIAPP_GATEWAY_DATABASE_PASSWORD`, when either is set.
     pub password: Option<String>,
@@ -90,6 +90,10 @@ impl fmt::Debug for PostgresSettings {
             .finish()
     }
 }
+
+/// The environment variable that holds the connection URL when `[store] url` is not set (a
+/// password in it is allowed: it does not come from the TOML).
+pub const DATABASE_URL_ENV: &str = "MINIAPP_GATEWAY_DATABASE_URL";
 
 /// The environment variable that holds the database password when `password_file` is not set.
 pub const DATABASE_PASSWORD_ENV: &str = "MINIAPP_GATEWAY_DATABASE_PASSWORD";

@@ -15,8 +15,8 @@ use super::schema::{
     HumanDuration, RawApi, RawApp, RawAppsFile, RawConfig, RawEntry, RawScopes, RawTls, RawUsersFile, SpannedList,
 };
 use super::{
-    AdminUser, Binding, Config, ConfigError, ConfigErrors, DATABASE_PASSWORD_ENV, Dns, Limits, ListenerSpec,
-    PostgresSettings, Role, Server, StoreApps, StoreSettings, TlsSettings,
+    AdminUser, Binding, Config, ConfigError, ConfigErrors, DATABASE_PASSWORD_ENV, DATABASE_URL_ENV, Dns, Limits,
+    ListenerSpec, PostgresSettings, Role, Server, StoreApps, StoreSettings, TlsSettings,
 };
 use crate::policy::{
     self, Action, App, Channel, DomainList, Entry, GlobalRules, Host, Policy, ResolveOverride, parse_entry, parse_host,
@@ -1103,16 +1103,26 @@ impl Validator {
                 "apps_dir and backend = \"postgres\" exclude each other: the apps are in the database",
             );
         }
-        let url = match &s.url {
-            None => {
+        let from_env = std::env::var(DATABASE_URL_ENV).ok().filter(|url| !url.trim().is_empty());
+        let url = match (&s.url, from_env) {
+            // From the environment (a Kubernetes Secret): a password in it is kept out of the TOML.
+            (None, Some(url)) => match url.parse::<tokio_postgres::Config>() {
+                Ok(_) => url,
+                Err(e) => {
+                    let message = format!("{DATABASE_URL_ENV} is not a PostgreSQL connection URL: {e}");
+                    self.error(main, backend_span.clone(), message);
+                    String::new()
+                }
+            },
+            (None, None) => {
                 self.error(
                     main,
                     backend_span.clone(),
-                    "backend = \"postgres\" needs url = \"postgres://user@host/db\"",
+                    format!("backend = \"postgres\" needs url = \"postgres://user@host/db\" (or {DATABASE_URL_ENV})"),
                 );
                 String::new()
             }
-            Some(url) => {
+            (Some(url), _) => {
                 match url.get_ref().parse::<tokio_postgres::Config>() {
                     Err(e) => self.error(main, url.span(), format!("url is not a PostgreSQL connection URL: {e}")),
                     Ok(parsed) if parsed.get_password().is_some() => self.error(
