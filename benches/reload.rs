@@ -1,6 +1,8 @@
 //! Reloading a 10,000-app `apps_dir` (one file per app, 30 server + 30 webview entries each):
-//! from scratch, and after one app's file changed (the loader re-validates only that file).
-//! Both include building the serving snapshot.
+//! from scratch, and after one app's file changed (the loader re-validates only that file);
+//! and the same 10,000 apps held as the PostgreSQL store's apps, after one of them changed
+//! (what a replica does with one change, less the database read). All include building the
+//! serving snapshot.
 //!
 //! Run: `cargo bench --bench reload`
 
@@ -64,6 +66,24 @@ fn reload(c: &mut Criterion) {
             variant += 1;
             std::fs::write(&changed, app_file(4242, variant)).unwrap();
             let config = loader.load().expect("valid");
+            black_box(Snapshot::new(config, &metrics))
+        })
+    });
+
+    // The store's apps: each a definition of its own, as a replica holds them.
+    let store_main = dir.path().join("store.toml");
+    std::fs::write(&store_main, "[policy]\n").unwrap();
+    let mut apps: std::collections::BTreeMap<String, std::sync::Arc<str>> =
+        (0..APPS).map(|a| (format!("app{a}"), std::sync::Arc::from(app_file(a, 0)))).collect();
+    let mut store_loader = Loader::new(&store_main);
+    store_loader.set_store_apps(std::sync::Arc::new(apps.clone()));
+    store_loader.load().expect("valid");
+    group.bench_function("one_store_app_changed", |b| {
+        b.iter(|| {
+            variant += 1;
+            apps.insert("app4242".to_owned(), std::sync::Arc::from(app_file(4242, variant)));
+            store_loader.set_store_apps(std::sync::Arc::new(apps.clone()));
+            let config = store_loader.load().expect("valid");
             black_box(Snapshot::new(config, &metrics))
         })
     });

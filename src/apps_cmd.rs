@@ -40,7 +40,7 @@ struct Opened {
     _runtime: Option<tokio::runtime::Runtime>,
 }
 
-fn open(config_path: &Path) -> Result<Opened, String> {
+fn open(config_path: &Path, upgrade: bool) -> Result<Opened, String> {
     let config = load(config_path)?;
     let mut loader = config::Loader::new(&config.path);
     match &config.store {
@@ -55,9 +55,10 @@ fn open(config_path: &Path) -> Result<Opened, String> {
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start a runtime: {e}"))?;
+            // Only an import upgrades the schema: reading must not move a fleet's schema on.
             let store = runtime
-                .block_on(PgStore::connect(settings, &config.path))
-                .map_err(|e| format!("the store {}: {e}", settings.url))?;
+                .block_on(PgStore::connect(settings, &config.path, upgrade))
+                .map_err(|e| format!("the store {}: {e}", config::redacted_url(&settings.url)))?;
             let apps = store.apps().map_err(|e| format!("cannot read the store's apps: {e}"))?;
             let mut current = read_all(&config.path, None).map_err(|e| e.to_string())?;
             for (id, text) in apps.iter() {
@@ -71,7 +72,7 @@ fn open(config_path: &Path) -> Result<Opened, String> {
 
 /// Every app of the config, in `format`.
 pub fn export(config_path: &Path, format: Format) -> Result<String, String> {
-    let Opened { config, current: docs, .. } = open(config_path)?;
+    let Opened { config, current: docs, .. } = open(config_path, false)?;
     Ok(match format {
         Format::Json => {
             let docs: Vec<AppDoc> = docs
@@ -110,7 +111,7 @@ fn steps(opened: &Opened, file: &Path, prune: bool) -> Result<Vec<Step>, String>
 
 /// What importing `file` would change, one line an app; the last line counts them.
 pub fn diff(config_path: &Path, file: &Path, prune: bool) -> Result<String, String> {
-    let steps = steps(&open(config_path)?, file, prune)?;
+    let steps = steps(&open(config_path, false)?, file, prune)?;
     let mut out = String::new();
     for step in &steps {
         let _ = match step {
@@ -127,7 +128,7 @@ pub fn diff(config_path: &Path, file: &Path, prune: bool) -> Result<String, Stri
 /// Import `file`: validate the config as it would be with every change made, then make them,
 /// each through the store (atomic, and audited as user `import`); returns what was done.
 pub fn import(config_path: &Path, file: &Path, prune: bool) -> Result<String, String> {
-    let opened = open(config_path)?;
+    let opened = open(config_path, true)?;
     let steps = steps(&opened, file, prune)?;
     let store = opened.store.as_ref();
     if let Some(Step::ReadOnly(id, defined)) = steps.iter().find(|s| matches!(s, Step::ReadOnly(..))) {

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio_postgres::{AsyncMessage, Client, NoTls};
@@ -69,18 +69,25 @@ pub enum PgError {
 }
 
 impl PgError {
-    /// Whether the database could not be reached (rather than refusing what was asked): the
-    /// connection failed, closed, or the server is shutting down or starting up.
+    /// Whether the database could not be reached or could not serve now (rather than refusing
+    /// what was asked): the connection failed, closed or timed out, or the server is shutting
+    /// down, starting up, full, read-only after a failover, or timed the statement out.
     pub fn is_unavailable(&self) -> bool {
         match self {
             PgError::Timeout(_) => true,
             PgError::Db(e) => match e.as_db_error() {
-                None => true,
-                // 08: connection exceptions; 57P01-57P03: shutting down, cannot connect now
                 Some(db) => {
                     let code = db.code().code();
-                    code.starts_with("08") || code.starts_with("57P0")
+                    // 08: connection exceptions; 57P01-57P03: shutting down, cannot connect
+                    // now; 53300: too many connections; 25006: read-only (a standby after a
+                    // failover); 55P03: lock not available; 57014: statement timed out
+                    code.starts_with("08")
+                        || code.starts_with("57P0")
+                        || ["53300", "25006", "55P03", "57014"].contains(&code)
                 }
+                // Not an answer of the server: the connection closed, or failed at the socket.
+                // (A password missing, a certificate refused: those are settings, not outages.)
+                None => e.is_closed() || io_failure(e),
             },
             PgError::NewerSchema { .. } | PgError::Settings(_) => false,
         }
@@ -92,6 +99,18 @@ impl PgError {
         let kind = if self.is_unavailable() { std::io::ErrorKind::NotConnected } else { std::io::ErrorKind::Other };
         std::io::Error::new(kind, self)
     }
+}
+
+/// Whether an error without a database code came from the socket (refused, reset, timed out).
+fn io_failure(error: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<std::io::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// What the database said (its message, not only "db error"), or what failed on the way.
@@ -108,7 +127,16 @@ fn describe(error: &tokio_postgres::Error) -> String {
     text
 }
 
-/// The connection settings of `settings`, with the password and a connect timeout.
+/// How long a statement may run, and a transaction wait for a lock, on the server.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long any one use of a connection (a query, a transaction) may take here, whatever the
+/// network does: past it the database counts as unavailable and the connection is dropped.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The connection settings of `settings`, with the password, a connect timeout, TCP
+/// keepalives and a user timeout (a partitioned network is noticed in seconds, not after the
+/// kernel's retransmissions), and server-side limits: no statement runs, waits for a lock or
+/// leaves a transaction idle (holding the store's lock) for long.
 fn connect_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config, PgError> {
     let mut config: tokio_postgres::Config =
         settings.url.parse().map_err(|e| PgError::Settings(format!("url: {e}")))?;
@@ -118,8 +146,22 @@ fn connect_config(settings: &PostgresSettings) -> Result<tokio_postgres::Config,
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
+    config.keepalives(true).keepalives_idle(Duration::from_secs(10)).keepalives_interval(Duration::from_secs(5));
+    config.tcp_user_timeout(Duration::from_secs(10));
+    if config.get_options().is_none() {
+        let statement = STATEMENT_TIMEOUT.as_millis();
+        config.options(format!(
+            "-c statement_timeout={statement} -c lock_timeout={statement} -c idle_in_transaction_session_timeout={}",
+            QUERY_TIMEOUT.as_millis() * 2
+        ));
+    }
     config.application_name("miniapp-gateway");
     Ok(config)
+}
+
+/// `work`, or [`PgError::Timeout`] after [`QUERY_TIMEOUT`].
+pub async fn bounded<T>(work: impl std::future::Future<Output = Result<T, PgError>>) -> Result<T, PgError> {
+    tokio::time::timeout(QUERY_TIMEOUT, work).await.map_err(|_| PgError::Timeout(QUERY_TIMEOUT))?
 }
 
 /// Connect once, as `settings` say; the connection is driven by a task of its own until the
@@ -214,6 +256,15 @@ pub struct Migrated {
     pub to: i32,
 }
 
+/// The schema's version in the database: 0 when it has none yet.
+pub async fn schema_version(client: &Client) -> Result<i32, PgError> {
+    let exists: bool = client.query_one("SELECT to_regclass('gateway_schema') IS NOT NULL", &[]).await?.get(0);
+    if !exists {
+        return Ok(0);
+    }
+    Ok(client.query_one("SELECT coalesce(max(version), 0) FROM gateway_schema", &[]).await?.get(0))
+}
+
 /// Bring the schema up to [`MIGRATIONS`], once, whoever else is trying at the same moment.
 pub async fn migrate(client: &mut Client) -> Result<Migrated, PgError> {
     let known = MIGRATIONS.last().map_or(0, |(version, _)| *version);
@@ -297,6 +348,8 @@ pub struct PgStore {
     pool: Vec<tokio::sync::Mutex<Option<Client>>>,
     next: AtomicUsize,
     runtime: tokio::runtime::Handle,
+    /// The change number of the last change this store committed (0: none yet).
+    last_written: AtomicI64,
 }
 
 /// The channel the stores `NOTIFY` on a change.
@@ -307,13 +360,23 @@ impl PgStore {
     /// `runtime`: call them outside it (in `spawn_blocking`, or from a plain thread).
     pub fn new(settings: &PostgresSettings, config: &Path, runtime: tokio::runtime::Handle) -> PgStore {
         let pool = (0..settings.pool_size.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect();
-        PgStore { config: config.to_path_buf(), settings: settings.clone(), pool, next: AtomicUsize::new(0), runtime }
+        PgStore {
+            config: config.to_path_buf(),
+            settings: settings.clone(),
+            pool,
+            next: AtomicUsize::new(0),
+            runtime,
+            last_written: AtomicI64::new(0),
+        }
     }
 
-    /// Connect, and bring the schema up to date.
-    pub async fn connect(settings: &PostgresSettings, config: &Path) -> Result<PgStore, PgError> {
+    /// Connect, and bring the schema up to date (`upgrade`), or only create it in a database
+    /// that has none (a reading command must not move a running fleet's schema on).
+    pub async fn connect(settings: &PostgresSettings, config: &Path, upgrade: bool) -> Result<PgStore, PgError> {
         let mut client = connect(settings).await?;
-        migrate(&mut client).await?;
+        if upgrade || bounded(schema_version(&client)).await? == 0 {
+            bounded(migrate(&mut client)).await?;
+        }
         let store = PgStore::new(settings, config, tokio::runtime::Handle::current());
         *store.pool[0].lock().await = Some(client);
         Ok(store)
@@ -331,7 +394,7 @@ impl PgStore {
                 *slot = Some(connect(&self.settings).await?);
             }
             let client = slot.as_mut().expect("connected above");
-            let result = work(client).await;
+            let result = bounded(work(client)).await;
             if result.as_ref().is_err_and(PgError::is_unavailable) {
                 *slot = None;
             }
@@ -341,6 +404,12 @@ impl PgStore {
 
     fn run<T>(&self, work: impl AsyncFnOnce(&mut Client) -> Result<T, PgError>) -> std::io::Result<T> {
         self.with_client(work).map_err(PgError::into_io)
+    }
+
+    /// The change number of the last change this store committed (0: none yet): the admin API
+    /// answers a write only once the replica enforces at least this.
+    pub fn last_written(&self) -> i64 {
+        self.last_written.load(Ordering::SeqCst)
     }
 
     /// Every app the store holds: its definition by id (for `apps export` and `apps import`).
@@ -466,6 +535,7 @@ impl Store for PgStore {
                 .get(0);
             notify(&tx, change).await?;
             tx.commit().await?;
+            self.last_written.fetch_max(change, Ordering::SeqCst);
             Ok(true)
         });
         match outcome {
@@ -476,26 +546,34 @@ impl Store for PgStore {
     }
 
     fn restore(&self, _rendered: &Rendered, previous: Option<&Stored>, record: &Record) -> std::io::Result<()> {
-        self.run(async |client| {
+        let undone = self.run(async |client| {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]).await?;
             audit(&tx, record).await?;
-            // Back to what it was, as a change of its own (replicas may have taken the one undone).
+            // Back to what it was, as a change of its own (replicas may have taken the one
+            // undone), unless another change came after it: that one is not ours to undo.
+            let written = record.revision.map_or(0, to_i64);
             let text = previous.map(|stored| stored.text.clone());
-            let kept = previous.map_or(record.revision.map_or(0, to_i64), |stored| to_i64(stored.revision));
+            let kept = previous.map_or(written, |stored| to_i64(stored.revision));
             let change: Option<i64> = tx
                 .query_opt(
                     "UPDATE gateway_apps SET revision = $2, definition = $3, change = nextval('gateway_change'),
-                         changed_at = now() WHERE id = $1 RETURNING change",
-                    &[&record.app, &kept, &text],
+                         changed_at = now() WHERE id = $1 AND revision = $4 RETURNING change",
+                    &[&record.app, &kept, &text, &written],
                 )
                 .await?
                 .map(|row| row.get(0));
             if let Some(change) = change {
                 notify(&tx, change).await?;
+                self.last_written.fetch_max(change, Ordering::SeqCst);
             }
             tx.commit().await?;
+            Ok(change.is_some())
+        })?;
+        if undone {
             Ok(())
-        })
+        } else {
+            Err(std::io::Error::other("another change to the app came after it, so it was left in place"))
+        }
     }
 }

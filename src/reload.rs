@@ -92,6 +92,9 @@ fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> 
     if running.scopes.consent_file != loaded.scopes.consent_file {
         changed.push("scopes.consent_file");
     }
+    if running.store != loaded.store {
+        changed.push("store");
+    }
     changed
 }
 
@@ -169,6 +172,12 @@ impl Reloader {
         self.replica.get()
     }
 
+    /// Whether every app change this gateway wrote is in force on it (always, with files; with
+    /// the PostgreSQL store, not while it wrote a change it could not read back yet).
+    pub fn writes_in_force(&self) -> bool {
+        self.replica.get().is_none_or(|replica| replica.writes_in_force())
+    }
+
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
@@ -208,6 +217,7 @@ impl Reloader {
         // change made during the load is seen by the next periodic check.
         let mut taken = std::mem::replace(&mut *loader, Loader::new(&path));
         let running = current.clone();
+        let started = std::time::Instant::now();
         let loaded = tokio::task::spawn_blocking(move || {
             let print = fingerprint(&running.config);
             let result = taken.load();
@@ -256,7 +266,8 @@ impl Reloader {
         let revoked = self.shared.tunnels.revoke_refused(&snapshot.config);
         current.counters.forget_apps_not_in(&snapshot.config.policy);
         self.shared.scopes.forget_apps_not_in(&snapshot.config.policy);
-        tracing::info!(?trigger, generation, apps, revoked, "config reloaded");
+        let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(?trigger, generation, apps, revoked, took_ms, "config reloaded");
         self.shared.events.publish(None, "reload", || serde_json::json!({ "generation": generation, "apps": apps }));
         Ok(generation)
     }

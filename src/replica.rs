@@ -34,6 +34,10 @@ use crate::reload::{Reloader, Trigger};
 pub const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between two reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The least time between two writes of the cache file: with thousands of apps it is megabytes,
+/// not worth writing for every one of a burst of changes (the newest snapshot is always the one
+/// written, so the file is at most this much behind the policy in force).
+const CACHE_EVERY: Duration = Duration::from_secs(1);
 /// What the cache file says it is, so that a file of another kind is never taken for it.
 const CACHE_FORMAT: &str = "miniapp-gateway store cache 1";
 
@@ -55,6 +59,8 @@ struct Synced {
     change: i64,
     /// The connection reads go over: the listening one while it is up.
     client: Option<Client>,
+    /// The change number of the snapshot last handed to the cache writer.
+    cached: i64,
 }
 
 /// What the replica knows of itself, for the metrics, `/readyz` and `/v1/status`.
@@ -134,15 +140,20 @@ impl Replica {
         let store = Arc::new(PgStore::new(settings, config, tokio::runtime::Handle::current()));
         let read = async {
             let mut client = pg::connect(settings).await?;
-            pg::migrate(&mut client).await?;
-            let changes = pg::read_changes(&mut client, None).await?;
+            pg::bounded(pg::migrate(&mut client)).await?;
+            let changes = pg::bounded(pg::read_changes(&mut client, None)).await?;
             Ok::<_, PgError>((client, changes))
         };
         let (synced, state, origin) = match read.await {
             Ok((client, changes)) => {
                 let apps: BTreeMap<String, Arc<str>> =
                     changes.rows.into_iter().filter_map(|row| Some((row.id, Arc::from(row.definition?)))).collect();
-                let synced = Synced { apps: Arc::new(apps), change: changes.newest, client: Some(client) };
+                let synced = Synced {
+                    apps: Arc::new(apps),
+                    change: changes.newest,
+                    client: Some(client),
+                    cached: changes.newest,
+                };
                 let state = State {
                     enforced: changes.newest,
                     newest: changes.newest,
@@ -166,7 +177,7 @@ impl Replica {
                     }
                 };
                 tracing::warn!(error = %e, "the store cannot be reached");
-                let synced = Synced { apps, change, client: None };
+                let synced = Synced { apps, change, client: None, cached: change };
                 let state = State {
                     enforced: change,
                     newest: change,
@@ -223,6 +234,7 @@ impl Replica {
                     Ok(Err(e)) => tracing::warn!(error = %e, "cannot write the store's cache"),
                     Err(e) => tracing::warn!(error = %e, "cannot write the store's cache"),
                 }
+                tokio::time::sleep(CACHE_EVERY).await;
             }
         });
         let replica = self.clone();
@@ -338,7 +350,7 @@ impl Replica {
     /// Connect a listening connection, and make it the one reads go over.
     async fn listen(&self) -> Result<mpsc::UnboundedReceiver<AsyncMessage>, PgError> {
         let (client, receiver) = pg::connect_listening(&self.settings).await?;
-        client.batch_execute(&format!("LISTEN {}", pg::CHANNEL)).await?;
+        pg::bounded(async { Ok(client.batch_execute(&format!("LISTEN {}", pg::CHANNEL)).await?) }).await?;
         self.synced.lock().await.client = Some(client);
         Ok(receiver)
     }
@@ -373,7 +385,8 @@ impl Replica {
         };
         // Nothing new, and what was read is in force: a write made here that the store's
         // notification already put in force needs no second reload.
-        let in_force = self.state().enforced == synced.change;
+        let enforced = self.state().enforced;
+        let in_force = enforced == synced.change && enforced >= self.store.last_written();
         if changed.is_none() && (trigger == Trigger::Store || (trigger == Trigger::Write && in_force)) {
             return Ok(reloader.shared().live.load().config.generation);
         }
@@ -383,31 +396,36 @@ impl Replica {
             synced.apps = apps.clone();
         }
         let result = reloader.reload_with(trigger, apps).await;
-        let (change, apps) = (synced.change, synced.apps.clone());
-        drop(synced);
+        let change = synced.change;
         if let Ok(generation) = result {
+            // Still under the lock: a later sync cannot finish first and be overwritten.
             let up = self.state().up;
             self.update(metrics, |state| {
                 state.enforced = change;
                 state.current = up && listening && state.newest == change;
             });
-            if count > 0 {
-                tracing::info!(
-                    revision = change,
-                    changed = count,
-                    generation,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "store changes in force"
-                );
-                reloader.shared().events.publish(
-                    None,
-                    "store",
-                    || serde_json::json!({ "revision": change, "generation": generation, "changed": count }),
-                );
+            if change > synced.cached {
+                // The snapshot in force, for a start while the database is away.
+                synced.cached = change;
+                let apps = synced.apps.clone();
                 self.cache.send_replace(Some(Arc::new(CacheSnapshot { change, apps })));
+            }
+            if count > 0 {
+                // read, validate, build and swap: what the replica spent on the change
+                let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(revision = change, changed = count, generation, took_ms, "store changes in force");
+                reloader.shared().events.publish(None, "store", || {
+                    serde_json::json!({ "revision": change, "generation": generation, "changed": count, "took_ms": took_ms })
+                });
             }
         }
         result
+    }
+
+    /// Whether every change this replica's store committed is in force here (an admin write
+    /// answers success only then).
+    pub fn writes_in_force(&self) -> bool {
+        self.state().enforced >= self.store.last_written()
     }
 
     /// Read the rows changed since the last read into a new set of apps (`None`: nothing
@@ -418,7 +436,7 @@ impl Replica {
             synced.client = Some(pg::connect(&self.settings).await?);
         }
         let client = synced.client.as_mut().expect("connected above");
-        let mut read = pg::read_changes(client, Some(synced.change)).await;
+        let mut read = pg::bounded(pg::read_changes(client, Some(synced.change))).await;
         let mut whole = false;
         if let Ok(changes) = &read
             && changes.newest < synced.change
@@ -428,7 +446,7 @@ impl Replica {
                 read = synced.change,
                 "the store's newest change is older than one this replica read (restored from a backup?): reading it whole"
             );
-            read = pg::read_changes(client, None).await;
+            read = pg::bounded(pg::read_changes(client, None)).await;
             whole = true;
         }
         let changes = match read {

@@ -129,8 +129,32 @@ impl Postgres {
         }
     }
 
+    /// Freeze (SIGSTOP) or thaw (SIGCONT) the server and all its processes: a database that
+    /// holds its connections open and answers nothing, as behind a network partition.
+    fn freeze(&self, frozen: bool) {
+        let Some(server) = &self.server else { return };
+        let postmaster = server.id();
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // the field after the parenthesized command name: state, then the parent's pid
+            let parent =
+                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if parent == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        for pid in pids {
+            // SAFETY: signalling the server this test started and its children.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
     /// Stop the server (fast shutdown: clients are disconnected) and wait until it has.
     fn pause(&mut self) {
+        self.freeze(false);
         if let Some(mut server) = self.server.take() {
             // SAFETY: signalling the child this test started.
             unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGINT) };
@@ -293,7 +317,7 @@ async fn the_postgres_store_keeps_revisions_and_history_and_refuses_a_stale_writ
     else {
         panic!("not the postgres store")
     };
-    let store = std::sync::Arc::new(miniapp_gateway::pg::PgStore::connect(&settings, &config).await.unwrap());
+    let store = std::sync::Arc::new(miniapp_gateway::pg::PgStore::connect(&settings, &config, true).await.unwrap());
     let doc = |domain: &str| -> AppDoc {
         let text = format!("[[app]]\nid = \"shop\"\nserver_domains = [{{ domain = \"{domain}\", remark = \"r\" }}]\n");
         miniapp_gateway::store::parse_apps(&text).unwrap().remove(0)
@@ -322,10 +346,26 @@ async fn the_postgres_store_keeps_revisions_and_history_and_refuses_a_stale_writ
         assert_eq!(store.next_revision("shop", Some(&back)).unwrap(), 3);
         let revisions: Vec<Option<u64>> = store.history("shop").unwrap().iter().map(|r| r.revision).collect();
         assert_eq!(revisions, [Some(1)], "the change undone is not in the history");
+        // an undo never overwrites a change made after the one it undoes (another replica's)
+        let Place::Writable(three) = ({
+            store.put(&store.render("shop", Some(&second), 3), Some(&back), &record("shop", 3, "applied")).unwrap();
+            store.place("shop").unwrap()
+        }) else {
+            panic!("gone")
+        };
+        let later = store.next_revision("shop", Some(&three)).unwrap();
+        store.put(&store.render("shop", Some(&first), later), Some(&three), &record("shop", later, "applied")).unwrap();
+        let undo =
+            store.restore(&store.render("shop", Some(&second), 3), Some(&back), &record("shop", 3, "reload_failed"));
+        assert!(undo.unwrap_err().to_string().contains("another change to the app came after it"));
+        let Place::Writable(kept) = store.place("shop").unwrap() else { panic!("gone") };
+        assert_eq!(kept.revision, later, "the later change stays");
+        let back = kept;
         // a delete keeps the row (replicas see it) and its number
-        store.put(&store.render("shop", None, 3), Some(&back), &record("shop", 3, "applied")).unwrap();
+        let gone = store.next_revision("shop", Some(&back)).unwrap();
+        store.put(&store.render("shop", None, gone), Some(&back), &record("shop", gone, "applied")).unwrap();
         assert_eq!(store.place("shop").unwrap(), Place::Free);
-        assert_eq!(store.next_revision("shop", None).unwrap(), 4);
+        assert_eq!(store.next_revision("shop", None).unwrap(), gone + 1);
     })
     .await
     .unwrap();
@@ -470,6 +510,8 @@ async fn a_write_on_one_replica_is_enforced_by_the_others() {
     }
     let (status, written) = add_domain(&replicas[0], "shop", HOSTS[0]).await;
     assert_eq!(status, 201, "{written}");
+    // in force on the replica that took it when it answers: no waiting
+    assert_eq!(replicas[0].connect(HOSTS[0]).await.0, 200);
     let newest: i64 = pg.client().await.query_one("SELECT max(change) FROM gateway_apps", &[]).await.unwrap().get(0);
     for replica in &replicas[1..] {
         until("the write enforced on the other replicas", || async { replica.connect(HOSTS[0]).await.0 == 200 }).await;
@@ -593,7 +635,7 @@ async fn with_the_database_down_traffic_flows_writes_get_503_and_the_replicas_ca
     until("b catches up", || async { b.connect(HOSTS[1]).await.0 == 200 }).await;
     assert_eq!(b.metric("gateway_store_up").await, 1.0);
     assert_eq!(status(&b).await, 200);
-    assert_eq!(b.metric("gateway_store_sync_lag_seconds").await, 0.0);
+    until("b's lag back to 0", || async { b.metric("gateway_store_sync_lag_seconds").await == 0.0 }).await;
     assert_eq!(a.revision().await, b.revision().await);
 }
 
@@ -643,6 +685,8 @@ async fn a_lost_notification_is_caught_by_the_poll() {
     let origin = common::Origin::start(&HOSTS).await;
     let dir = tempfile::tempdir().unwrap();
     let a = Replica::start(&replica_config(&pg, dir.path(), "a", origin.addr, ""));
+    // listening and caught up (lag 0) before the change is made
+    until("a listens", || async { a.status().await["store"]["lag_seconds"] == 0.0 }).await;
     let mut db = pg.client().await;
     // A change whose notification never comes: written without NOTIFY (as if it was lost).
     let write = async |db: &mut tokio_postgres::Client, domain: &str| {
@@ -743,4 +787,43 @@ async fn apps_move_from_the_files_to_postgresql_and_back() {
     assert_eq!(gateway(&["apps", "import", "-c", p, bad.to_str().unwrap()]).status.code(), Some(1));
     let rows: i64 = db.query_one("SELECT count(*) FROM gateway_apps", &[]).await.unwrap().get(0);
     assert_eq!(rows, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_is_an_outage_not_a_hang() {
+    let Some(pg) = Postgres::start() else { return };
+    let origin = common::Origin::start(&HOSTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Replica::start(&replica_config(&pg, dir.path(), "a", origin.addr, ""));
+    assert_eq!(create_app(&a, "shop").await, 201);
+    assert_eq!(add_domain(&a, "shop", HOSTS[0]).await.0, 201);
+
+    // Connections stay open, nothing answers: without timeouts a write would wait for the
+    // kernel's retransmissions (many minutes), holding the replica's locks.
+    pg.freeze(true);
+    let started = Instant::now();
+    let request = format!(
+        "POST /v1/apps/shop/server_domains HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+        a.admin,
+        HOSTS[1].len() + 12,
+        format_args!("{{\"entry\":\"{}\"}}", HOSTS[1])
+    );
+    let answer = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(a.admin).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(60), answer).await;
+    let waited = started.elapsed();
+    pg.freeze(false);
+    let answer = answer.expect("no answer to a write within 60 s");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(waited < Duration::from_secs(40), "the write waited {waited:?}");
+    assert_eq!(a.connect(HOSTS[0]).await.0, 200, "the policy in force stayed");
+    // and once it answers again, writes go through
+    until("writes again", || async { add_domain(&a, "shop", HOSTS[1]).await.0 == 201 }).await;
+    assert_eq!(a.connect(HOSTS[1]).await.0, 200);
 }

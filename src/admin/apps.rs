@@ -246,10 +246,10 @@ pub(crate) async fn write(
         (&Method::POST, ["rollback"]) => match parse::<RollbackBody>(&body) {
             Ok(RollbackBody { revision }) => {
                 let owned = id.to_owned();
-                let found = off(&store(reloader), move |store| store.history(&owned))
-                    .await
-                    .ok()
-                    .and_then(|records| records.into_iter().find(|r| r.revision == Some(revision)));
+                let found = match off(&store(reloader), move |store| store.history(&owned)).await {
+                    Ok(records) => records.into_iter().find(|r| r.revision == Some(revision)),
+                    Err(e) => return store_failed("cannot read the app's history", &e),
+                };
                 match found {
                     Some(record) => Change::Rollback(record.after.map(Box::new)),
                     None => return error(StatusCode::NOT_FOUND, &format!("no revision {revision} of app {id:?}")),
@@ -560,6 +560,14 @@ async fn apply(write: Write<'_>, lock: &WriteLock, change: Change) -> Response<B
     shared.metrics.app_changes.with_label_values(&[kind]).inc();
     tracing::info!(app = id, change = kind, revision = next, user = %who.user, client = %who.client, "app changed");
     match reloader.reload(Trigger::Write).await {
+        Ok(_) if !reloader.writes_in_force() => {
+            // Committed to the store, which went away before this replica could read it back.
+            let message = "the change was saved in the store, which then could not be reached: it is not in force on \
+                           this gateway yet and will be once the store answers (read the app again before writing it)";
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+            response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(STORE_RETRY_AFTER_SECONDS));
+            response
+        }
         Ok(generation) => {
             write.shared.events.publish(Some(id), "change", || {
                 json!({ "app": id, "change": kind, "revision": next, "user": write.who.user, "generation": generation })

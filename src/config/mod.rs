@@ -80,7 +80,7 @@ pub struct PostgresSettings {
 impl fmt::Debug for PostgresSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresSettings")
-            .field("url", &self.url)
+            .field("url", &redacted_url(&self.url))
             .field("password", &self.password.as_ref().map(|_| "…"))
             .field("ca", &self.ca)
             .field("cache", &self.cache)
@@ -89,6 +89,39 @@ impl fmt::Debug for PostgresSettings {
             .field("ready_without_store", &self.ready_without_store)
             .finish()
     }
+}
+
+/// A connection URL (or `key=value` string) as it may be shown: any password replaced by `***`.
+pub fn redacted_url(url: &str) -> String {
+    let hide = |text: &str| -> String {
+        // password=VALUE in a query string or a key=value string (VALUE quoted or not)
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find("password=") {
+            let (before, after) = rest.split_at(at + "password=".len());
+            out.push_str(before);
+            out.push_str("***");
+            let end = if let Some(quoted) = after.strip_prefix('\'') {
+                quoted.find('\'').map_or(after.len(), |i| i + 2)
+            } else {
+                after.find([' ', '&']).unwrap_or(after.len())
+            };
+            rest = &after[end..];
+        }
+        out.push_str(rest);
+        out
+    };
+    let Some((scheme, rest)) = url.split_once("://") else { return hide(url) };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    format!("{scheme}://{authority}{}", hide(tail))
 }
 
 /// The environment variable that holds the connection URL when `[store] url` is not set (a
@@ -341,4 +374,23 @@ pub fn read_settled(path: &Path) -> std::io::Result<String> {
         std::thread::sleep(REREAD_PAUSE);
     }
     Err(std::io::Error::other(format!("it kept changing over {MAX_READS} reads; is something still writing it?")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_never_shown() {
+        use super::redacted_url;
+        assert_eq!(
+            redacted_url("postgres://gw:s3cr:et@db:5432/gw?sslmode=require"),
+            "postgres://gw:***@db:5432/gw?sslmode=require"
+        );
+        assert_eq!(
+            redacted_url("postgres://gw@db/gw?password=x&sslmode=disable"),
+            "postgres://gw@db/gw?password=***&sslmode=disable"
+        );
+        assert_eq!(redacted_url("host=db user=gw password='a b' dbname=gw"), "host=db user=gw password=*** dbname=gw");
+        assert_eq!(redacted_url("host=db password=x"), "host=db password=***");
+        assert_eq!(redacted_url("postgres://gw@db/gw"), "postgres://gw@db/gw");
+    }
 }

@@ -121,6 +121,9 @@ pub struct AppsCache {
 #[derive(Debug, Clone)]
 struct CachedFile {
     fingerprint: u64,
+    /// The text itself: a store app whose text is the very same (shared) one is known
+    /// unchanged without hashing it again.
+    text: Arc<str>,
     settings: AppSettings,
     /// Each app with the span of its id, to point duplicates at it.
     apps: Vec<(Arc<App>, Range<usize>)>,
@@ -206,16 +209,19 @@ fn resolve_relative(config: &Path, relative: &str) -> PathBuf {
 
 struct Source {
     path: PathBuf,
-    text: String,
+    /// Shared with the store's apps (a replica's unchanged apps are never copied).
+    text: Arc<str>,
     /// For `apps_dir` files: the content hash the cache compares.
     fingerprint: u64,
+    /// Its apps were taken validated from the cache (whose entry stays as it is).
+    from_cache: bool,
 }
 
 impl Source {
     /// 1-based line and column (in characters) of a byte offset.
     fn position(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
-        let before = self.text.get(..offset).unwrap_or(&self.text);
+        let before = self.text.get(..offset).unwrap_or(&*self.text);
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let col = before[line_start..].chars().count() + 1;
@@ -253,8 +259,8 @@ struct Origin {
 }
 
 impl Validator {
-    fn add_source(&mut self, path: PathBuf, text: String) -> usize {
-        self.sources.push(Source { path, text, fingerprint: 0 });
+    fn add_source(&mut self, path: PathBuf, text: impl Into<Arc<str>>) -> usize {
+        self.sources.push(Source { path, text: text.into(), fingerprint: 0, from_cache: false });
         self.sources.len() - 1
     }
 
@@ -360,7 +366,7 @@ impl Validator {
                 Some(text) => Ok(text),
                 None => super::read_settled(&file),
             };
-            self.take_apps_text(file, read, None, settings, cache, apps);
+            self.take_apps_text(file, read.map(Arc::from), None, settings, cache, apps);
         }
     }
 
@@ -383,10 +389,10 @@ impl Validator {
         ids.sort();
         for id in ids {
             let file = store_source(id);
-            let text = match self.candidates.get(&file) {
-                Some(Some(text)) => text.clone(),
+            let text: Arc<str> = match self.candidates.get(&file) {
+                Some(Some(text)) => Arc::from(text.as_str()),
                 Some(None) => continue, // removed by the change being checked
-                None => store_apps[id].to_string(),
+                None => store_apps[id].clone(),
             };
             self.take_apps_text(file, Ok(text), Some(id), settings, cache, apps);
         }
@@ -397,7 +403,7 @@ impl Validator {
     fn take_apps_text(
         &mut self,
         file: PathBuf,
-        read: std::io::Result<String>,
+        read: std::io::Result<Arc<str>>,
         one: Option<&str>,
         settings: AppSettings,
         cache: &AppsCache,
@@ -410,11 +416,17 @@ impl Validator {
                 self.error(source, 0..0, message);
             }
             Ok(text) => {
-                let print = fingerprint(&text);
-                let cached = cache.files.get(&file).filter(|c| c.fingerprint == print && c.settings == settings);
-                let cached = cached.map(|c| c.apps.clone());
+                let (print, cached) = match cache.files.get(&file).filter(|c| c.settings == settings) {
+                    Some(c) if Arc::ptr_eq(&c.text, &text) => (c.fingerprint, Some(c.apps.clone())),
+                    Some(c) => {
+                        let print = fingerprint(&text);
+                        (print, (c.fingerprint == print).then(|| c.apps.clone()))
+                    }
+                    None => (fingerprint(&text), None),
+                };
                 let source = self.add_source(file, text);
                 self.sources[source].fingerprint = print;
+                self.sources[source].from_cache = cached.is_some();
                 if let Some(cached) = cached {
                     apps.extend(cached.into_iter().map(|(app, id_span)| AppInput::Cached { source, app, id_span }));
                 } else if let Some(parsed) = self.parse::<RawAppsFile>(source) {
@@ -447,19 +459,29 @@ impl Validator {
         for problem in &self.errors {
             broken[problem.source] = true;
         }
-        let mut files: HashMap<PathBuf, CachedFile> = HashMap::new();
-        for (source, _) in self.sources.iter().enumerate().skip(main + 1).filter(|(i, _)| !broken[*i]) {
-            let src = &self.sources[source];
-            files.insert(src.path.clone(), CachedFile { fingerprint: src.fingerprint, settings, apps: Vec::new() });
-        }
+        // Entries of files still here, fine and unchanged stay as they are (with thousands of
+        // apps, rebuilding the whole cache would cost more than the change); the others go.
+        let fine = |i: &usize| *i > main && !broken[*i];
+        let kept: std::collections::HashSet<&Path> = (0..self.sources.len())
+            .filter(|i| fine(i) && self.sources[*i].from_cache)
+            .map(|i| self.sources[i].path.as_path())
+            .collect();
+        cache.files.retain(|path, _| kept.contains(path.as_path()));
+        let mut fresh: HashMap<usize, CachedFile> = (0..self.sources.len())
+            .filter(|i| fine(i) && !self.sources[*i].from_cache)
+            .map(|i| {
+                let src = &self.sources[i];
+                (i, CachedFile { fingerprint: src.fingerprint, text: src.text.clone(), settings, apps: Vec::new() })
+            })
+            .collect();
         for (source, app, id_span) in apps {
-            if let Some(file) = files.get_mut(&self.sources[source].path)
-                && source != main
-            {
+            if let Some(file) = fresh.get_mut(&source) {
                 file.apps.push((app, id_span));
             }
         }
-        cache.files = files;
+        for (source, file) in fresh {
+            cache.files.insert(self.sources[source].path.clone(), file);
+        }
     }
 
     /// Validate everything into a [`Config`]; also returns every app with its source and id
@@ -1156,6 +1178,27 @@ impl Validator {
             self.other_files.push(ca.clone());
             ca
         });
+        // TLS to the database is rustls, which always verifies the server against `ca` (what
+        // libpq calls verify-full): sslmode is disable or require, never prefer's fallback.
+        if let Ok(parsed) = url.parse::<tokio_postgres::Config>() {
+            use tokio_postgres::config::SslMode;
+            let span = s.url.as_ref().map_or(backend_span.clone(), |u| u.span());
+            match parsed.get_ssl_mode() {
+                SslMode::Disable => {}
+                SslMode::Require if ca.is_some() => {}
+                SslMode::Require => self.error(
+                    main,
+                    span,
+                    "sslmode=require needs ca = \"…\": the CA certificate the database server's certificate is checked against",
+                ),
+                _ => self.error(
+                    main,
+                    span,
+                    "the url's sslmode (prefer when it names none) may fall back to plain text: use sslmode=require \
+                     with ca (the server's certificate is verified, as verify-full), or sslmode=disable",
+                ),
+            }
+        }
         let cache = match &s.cache {
             Some(cache) => resolve_relative(&path, cache.get_ref()),
             None => {
@@ -1407,6 +1450,8 @@ id = "demo"
                 r#"gw.toml:2:12: apps_dir and backend = "postgres" exclude each other: the apps are in the database"#,
                 r#"gw.toml:5:11: backend = "postgres" needs cache = "…/apps.json": the last good snapshot, for starts while the database is down"#,
                 "gw.toml:6:7: url holds a password: put it in password_file or MINIAPP_GATEWAY_DATABASE_PASSWORD",
+                "gw.toml:6:7: the url's sslmode (prefer when it names none) may fall back to plain text: use \
+                 sslmode=require with ca (the server's certificate is verified, as verify-full), or sslmode=disable",
                 "gw.toml:7:17: poll_interval must be at least 100ms",
                 "gw.toml:8:13: pool_size must be 1 to 64 connections",
             ]
