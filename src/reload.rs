@@ -83,6 +83,9 @@ fn restart_only_changes(running: &Config, loaded: &Config) -> Vec<&'static str> 
     if running.server.admin_listen != loaded.server.admin_listen {
         changed.push("admin_listen");
     }
+    if running.server.workers != loaded.server.workers {
+        changed.push("workers");
+    }
     if running.limits.max_connections != loaded.limits.max_connections {
         changed.push("max_connections");
     }

@@ -421,3 +421,57 @@ async fn hostile_requests_get_answers_not_panics() {
     let answer = demo(&gw, "api.shop.example:443").await;
     assert_eq!(answer.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_event_loops_share_the_limit_the_policy_and_the_counters() {
+    let origin = Origin::start(ORIGIN_NAMES).await;
+    let config = gateway_config(origin.addr, "max_connections = 8").replacen(
+        "[server]\n",
+        "[server]\nworkers = 2\nadmin_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    let mut gw = TestGateway::start(&config).await;
+    // Tunnels from many source ports, which the kernel spreads over both loops' listeners.
+    for _batch in 0..4 {
+        // four at a time, well under max_connections
+        gw.wait_metric("gateway_connections_active", 0.0).await;
+        let mut tunnels = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let (proxy, ca) = (gw.addr(), origin.ca.clone());
+            tunnels.spawn(async move {
+                let answer = connect_as(proxy, "demo", "s3cret", "api.shop.example:443").await;
+                assert_eq!(answer.status, 200);
+                let mut tls = tls_over(answer.stream, &ca, "api.shop.example").await;
+                assert_eq!(https_request(&mut tls, "GET", "/bytes/20000", b"").await.len(), 20000);
+            });
+        }
+        while let Some(done) = tunnels.join_next().await {
+            done.unwrap();
+        }
+    }
+    let workers = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with("gw-worker-"))
+        })
+        .count();
+    assert!(workers >= 2, "two worker threads (and those of other tests' gateways): {workers}");
+    let allowed = r#"gateway_requests_total{app="demo",channel="request",decision="allow",reason="whitelisted"}"#;
+    assert_eq!(gw.wait_metric(allowed, 16.0).await, 16.0, "every loop counts in the same counters");
+    // max_connections is one limit over all the loops
+    gw.wait_metric("gateway_connections_active", 0.0).await;
+    let mut holders = Vec::new();
+    for _ in 0..8 {
+        holders.push(TcpStream::connect(gw.addr()).await.unwrap());
+    }
+    gw.wait_metric("gateway_connections_active", 8.0).await;
+    let answer = demo(&gw, "api.shop.example:443").await;
+    assert_eq!((answer.status, answer.reason()), (503, "overloaded"));
+    drop(holders);
+    // a refusal is decided by the same policy on any loop
+    assert_eq!(demo(&gw, "evil.example:443").await.reason(), "not_whitelisted");
+    // and shutdown drains every loop
+    let stopped = gw.shutdown();
+    tokio::time::timeout(WAIT, stopped).await.expect("the workers did not stop").unwrap();
+}

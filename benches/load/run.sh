@@ -5,7 +5,8 @@
 # Everything listens on 127.0.0.1 and everything it starts is stopped on exit. It installs
 # what it needs (Debian: nginx-light squid tinyproxy; crates.io: oha) when missing, which
 # needs root. Knobs (environment): ROUNDS=3 DURATION=8 CLIENTS=32 IDLE_TUNNELS=2000
-# MANY_TUNNELS=10000 BULK_MB=1024 GATEWAY_THREADS=(tokio's default: one per core); PERF=1
+# MANY_TUNNELS=10000 BULK_MB=1024 GATEWAY_THREADS=(tokio's default: one per core)
+# GATEWAY_WORKERS=(unset: the shared runtime; N: `[server] workers = N` event loops); PERF=1
 # also counts each proxy's context switches, CPU migrations and system calls per request with
 # `perf stat` (Debian's linux-perf) over the request-rate runs.
 # Prints a markdown table of medians and ratios.
@@ -125,6 +126,7 @@ cat > "$work/gateway/gateway.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW"
 admin_listen = "127.0.0.1:$GW_ADMIN"
+workers = ${GATEWAY_WORKERS:-0}
 [limits]
 max_connections = 20000
 [resolve]

@@ -144,6 +144,10 @@ pub struct Server {
     /// Who may use the admin API: every `[[admin_user]]`, and `admin_token` as the user
     /// `admin` with the role `admin`. Empty: the admin API is open (to those who can reach it).
     pub admin_users: Vec<AdminUser>,
+    /// `workers`: 0 serves the proxy listeners on the shared work-stealing runtime; N > 0 on N
+    /// event loops, each a thread with its own `SO_REUSEPORT` listener per proxy listener, so
+    /// that a connection and its tunnel stay on the thread that accepted it.
+    pub workers: usize,
 }
 
 /// What an admin user may do; each role may do everything the ones before it may.

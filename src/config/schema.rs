@@ -123,6 +123,7 @@ pub struct RawServer {
     pub admin_token: Option<Spanned<String>>,
     pub admin_token_file: Option<Spanned<String>>,
     pub admin_hosts: Option<Vec<Spanned<String>>>,
+    pub workers: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,6 +42,8 @@ const DEFAULT_MAX_DOMAINS: usize = 30;
 /// has one more of its own).
 const DEFAULT_POOL_SIZE: usize = 4;
 const MAX_POOL_SIZE: usize = 64;
+/// `[server] workers`: event loops, each a thread of its own.
+const MAX_WORKERS: usize = 256;
 
 /// Load as [`load`] would, but with the `apps_dir` file `file` holding `text` (or, for
 /// `None`, absent): what the config would be after a write, checked before it is made.
@@ -826,7 +828,17 @@ impl Validator {
             }
         }
         let admin_users = self.admin_users(main, raw, admin_token.as_deref());
-        Server { listen, admin_listen, admin_token, admin_hosts, admin_users }
+        let workers = match &raw.server.workers {
+            None => 0,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n @ 0..=MAX_WORKERS) => n,
+                _ => {
+                    self.error(main, n.span(), format!("workers must be 0 (one shared runtime) to {MAX_WORKERS}"));
+                    0
+                }
+            },
+        };
+        Server { listen, admin_listen, admin_token, admin_hosts, admin_users, workers }
     }
 
     /// `[[admin_user]]` tables, and `admin_token` as the user `admin`.

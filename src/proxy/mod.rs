@@ -122,6 +122,9 @@ impl Drop for ConnectionSlot {
 pub struct Gateway {
     shared: Arc<Shared>,
     listeners: Vec<(TcpListener, ListenerSpec)>,
+    /// With `workers` > 1: the listeners of workers 2..N, each bound to the same addresses
+    /// as `listeners` with `SO_REUSEPORT` (the kernel spreads new connections over them).
+    spares: Vec<Vec<(TcpListener, ListenerSpec)>>,
     admin: Option<TcpListener>,
     permits: Arc<Semaphore>,
     reloader: Arc<Reloader>,
@@ -131,9 +134,20 @@ impl Gateway {
     /// Bind every listener of `config` and make it generation 1. `loader` is what loaded it;
     /// reloads go through it (and its cache).
     pub async fn bind(mut config: Config, loader: Loader, log: AccessLog) -> io::Result<Gateway> {
+        let workers = config.server.workers;
         let mut listeners = Vec::with_capacity(config.listeners.len());
+        let mut spares: Vec<Vec<(TcpListener, ListenerSpec)>> = (1..workers).map(|_| Vec::new()).collect();
         for spec in &config.listeners {
-            listeners.push((bind(spec.listen).await?, spec.clone()));
+            if workers == 0 {
+                listeners.push((bind(spec.listen).await?, spec.clone()));
+                continue;
+            }
+            let first = bind_shared(spec.listen)?;
+            let addr = first.local_addr()?; // port 0 resolved: the others join this one
+            listeners.push((first, spec.clone()));
+            for spare in &mut spares {
+                spare.push((bind_shared(addr)?, spec.clone()));
+            }
         }
         let proxy_addr = listeners[0].0.local_addr()?;
         let admin = match config.server.admin_listen {
@@ -181,7 +195,7 @@ impl Gateway {
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         });
         let reloader = Arc::new(Reloader::new(shared.clone(), loader));
-        Ok(Gateway { shared, listeners, admin, permits, reloader })
+        Ok(Gateway { shared, listeners, spares, admin, permits, reloader })
     }
 
     /// The bound proxy addresses, `server.listen` first, then each `[[listener]]` in order.
@@ -207,14 +221,27 @@ impl Gateway {
     /// Serve until `shutdown` completes, then drain (see the module docs). The admin listener
     /// keeps answering while the tunnels drain (`/readyz` says 503), and stops last.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Gateway { shared, listeners, admin, permits, reloader } = self;
+        let Gateway { shared, listeners, spares, admin, permits, reloader } = self;
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|listener| {
             let serve = crate::admin::serve(listener, shared.clone(), reloader.clone(), admin_stop.clone());
             tokio::spawn(serve)
         });
-        for (listener, spec) in listeners {
-            shared.tracker.spawn(accept_loop(listener, spec, shared.clone(), permits.clone()));
+        let workers = shared.live.load().config.server.workers;
+        let mut threads = Vec::new();
+        if workers == 0 {
+            for (listener, spec) in listeners {
+                shared.tracker.spawn(accept_loop(listener, spec, shared.clone(), permits.clone()));
+            }
+        } else {
+            for (i, set) in std::iter::once(listeners).chain(spares).enumerate() {
+                match spawn_worker(i, set, shared.clone(), permits.clone()) {
+                    Ok(thread) => threads.push(thread),
+                    Err(e) => {
+                        tracing::error!(worker = i, error = %e, "cannot start a worker; its listeners are closed")
+                    }
+                }
+            }
         }
         shutdown.await;
         shared.unready.cancel();
@@ -236,7 +263,52 @@ impl Gateway {
         if let Some(task) = admin_task {
             let _ = task.await;
         }
+        // The workers end once everything they served has drained (just now).
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
     }
+}
+
+/// Bind `addr` with `SO_REUSEPORT`, so that every worker can listen on it.
+fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listen = || {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    listen().map_err(|e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Worker `index`: a thread with an event loop of its own that accepts on `listeners` and
+/// serves every connection it accepts, tunnel included, on that thread; it runs until the
+/// gateway has drained. Everything else (the policy snapshot, `max_connections`, metrics, the
+/// access log, revocation, shutdown) is shared with the rest of the gateway as it is.
+fn spawn_worker(
+    index: usize,
+    listeners: Vec<(TcpListener, ListenerSpec)>,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    // Moved off this runtime's reactor, onto the worker's.
+    let listeners = listeners
+        .into_iter()
+        .map(|(listener, spec)| Ok((listener.into_std()?, spec)))
+        .collect::<io::Result<Vec<_>>>()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name(format!("gw-worker-{index}")).spawn(move || {
+        runtime.block_on(async move {
+            for (listener, spec) in listeners {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        shared.tracker.spawn(accept_loop(listener, spec, shared.clone(), permits.clone()));
+                    }
+                    Err(e) => tracing::error!(worker = index, error = %e, "cannot listen in a worker"),
+                }
+            }
+            shared.tracker.wait().await;
+        });
+    })
 }
 
 async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {

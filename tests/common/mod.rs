@@ -265,6 +265,14 @@ impl TestGateway {
 
     /// Start a gateway on the config file at `path` inside `dir`.
     pub async fn start_at(dir: tempfile::TempDir, path: std::path::PathBuf) -> TestGateway {
+        // MINIAPP_TEST_WORKERS=N runs every such gateway on N worker event loops.
+        if let Ok(workers) = std::env::var("MINIAPP_TEST_WORKERS") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if !text.contains("\nworkers =") {
+                let text = text.replacen("[server]\n", &format!("[server]\nworkers = {workers}\n"), 1);
+                std::fs::write(&path, text).unwrap();
+            }
+        }
         let mut loader = config::Loader::new(&path);
         let config = loader.load().unwrap_or_else(|e| panic!("{e}"));
         let log = LogBuffer::default();
