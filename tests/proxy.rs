@@ -423,6 +423,55 @@ async fn hostile_requests_get_answers_not_panics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_on_the_shared_runtime_serves_counts_and_drains() {
+    // workers = 0: the proxy listeners on the main runtime, beside the admin listener.
+    let origin = Origin::start(ORIGIN_NAMES).await;
+    let config = gateway_config(origin.addr, "").replacen(
+        "[server]\n",
+        "[server]\nworkers = 0\nadmin_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    let mut gw = TestGateway::start(&config).await;
+    let answer = demo(&gw, "api.shop.example:443").await;
+    assert_eq!(answer.status, 200);
+    let mut tls = tls_over(answer.stream, &origin.ca, "api.shop.example").await;
+    assert_eq!(https_request(&mut tls, "GET", "/bytes/30000", b"").await.len(), 30000);
+    assert_eq!(demo(&gw, "evil.example:443").await.reason(), "not_whitelisted");
+    let allowed = r#"gateway_requests_total{app="demo",channel="request",decision="allow",reason="whitelisted"}"#;
+    assert_eq!(gw.wait_metric(allowed, 1.0).await, 1.0);
+    drop(tls);
+    let stopped = gw.shutdown();
+    tokio::time::timeout(WAIT, stopped).await.expect("the gateway did not stop").unwrap();
+}
+
+#[tokio::test]
+async fn one_event_loop_does_not_share_its_port() {
+    // With one loop the listener is not SO_REUSEPORT: a second gateway started on the same
+    // address by mistake fails to start instead of silently taking half the connections.
+    let origin = Origin::start(ORIGIN_NAMES).await;
+    let config = gateway_config(origin.addr, "").replacen("[server]\n", "[server]\nworkers = 1\n", 1);
+    let gw = TestGateway::start(&config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config.replacen("127.0.0.1:0", &gw.addr().to_string(), 1)).unwrap();
+    let mut loader = miniapp_gateway::config::Loader::new(&path);
+    let second = loader.load().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(second.server.workers, 1);
+    let (log, _writer) = miniapp_gateway::access_log::AccessLog::start(
+        miniapp_gateway::access_log::LogFormat::Json,
+        Box::new(std::io::sink()),
+    );
+    let error = match miniapp_gateway::proxy::Gateway::bind(second, loader, log).await {
+        Ok(_) => panic!("a second gateway bound {}", gw.addr()),
+        Err(e) => e,
+    };
+    assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{error}");
+    assert!(error.to_string().contains(&format!("cannot listen on {}", gw.addr())), "{error}");
+    // and the first one still serves
+    assert_eq!(demo(&gw, "api.shop.example:443").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_event_loops_share_the_limit_the_policy_and_the_counters() {
     let origin = Origin::start(ORIGIN_NAMES).await;
     let config = gateway_config(origin.addr, "max_connections = 8").replacen(

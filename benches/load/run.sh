@@ -6,7 +6,9 @@
 # what it needs (Debian: nginx-light squid tinyproxy; crates.io: oha) when missing, which
 # needs root. Knobs (environment): ROUNDS=3 DURATION=8 CLIENTS=32 IDLE_TUNNELS=2000
 # MANY_TUNNELS=10000 BULK_MB=1024 GATEWAY_THREADS=(tokio's default: one per core)
-# GATEWAY_WORKERS=(unset: the shared runtime; N: `[server] workers = N` event loops); PERF=1
+# GATEWAY_WORKERS=(unset: the config's default, one event loop; N: `[server] workers = N`)
+# COMPARE_WORKERS="0 2" (also runs a gateway with each of these `workers` values, measured in
+# the same rounds on kept-alive and new requests, rates and CPU, in a second table); PERF=1
 # also counts each proxy's context switches, CPU migrations and system calls per request with
 # `perf stat` (Debian's linux-perf) over the request-rate runs.
 # Prints a markdown table of medians and ratios.
@@ -121,12 +123,14 @@ nginx -c "$work/nginx.conf" -g 'daemon off;' & pids+=($!)
 # --- miniapp-gateway ----------------------------------------------------------------------
 # In a directory of its own, as deployed: the reload watcher is told of every file event in
 # the config's directory, nginx opening the files it serves included.
-mkdir "$work/gateway"
-cat > "$work/gateway/gateway.toml" <<TOML
+# gateway_config DIR PORT ADMIN_PORT WORKERS(empty: the default)
+gateway_config() {
+  mkdir "$1"
+  cat > "$1/gateway.toml" <<TOML
 [server]
-listen = "127.0.0.1:$GW"
-admin_listen = "127.0.0.1:$GW_ADMIN"
-workers = ${GATEWAY_WORKERS:-0}
+listen = "127.0.0.1:$2"
+admin_listen = "127.0.0.1:$3"
+${4:+workers = $4}
 [limits]
 max_connections = 20000
 [resolve]
@@ -136,8 +140,21 @@ id = "bench"
 token = "bench-secret"
 server_domains = ["https://$ORIGIN_NAME:$ORIGIN"]
 TOML
+}
+gateway_config "$work/gateway" "$GW" "$GW_ADMIN" "${GATEWAY_WORKERS:-}"
 env RUST_LOG=warn ${GATEWAY_THREADS:+TOKIO_WORKER_THREADS=$GATEWAY_THREADS} "$gateway_bin" run -c "$work/gateway/gateway.toml" > /dev/null & pids+=($!)
 gw_pid=$!
+# the models to compare, each a gateway of its own: "gateway-wN" has `workers = N`
+declare -A model_port model_pid
+models=()
+for w in ${COMPARE_WORKERS:-}; do
+  m=gateway-w$w
+  models+=("$m")
+  model_port[$m]=$(free_port)
+  gateway_config "$work/$m" "${model_port[$m]}" "$(free_port)" "$w"
+  env RUST_LOG=warn ${GATEWAY_THREADS:+TOKIO_WORKER_THREADS=$GATEWAY_THREADS} "$gateway_bin" run -c "$work/$m/gateway.toml" > /dev/null & pids+=($!)
+  model_pid[$m]=$!
+done
 AUTH="Basic $(printf 'bench:bench-secret' | base64)"
 
 # --- Squid --------------------------------------------------------------------------------
@@ -181,7 +198,7 @@ touch "$work/tinyproxy.log"; chmod 666 "$work/tinyproxy.log"
 tinyproxy -d -c "$work/tinyproxy.conf" & pids+=($!)
 tiny_pid=$!
 
-for port in $ORIGIN $GW $SQUID $TINY; do wait_port "$port"; done
+for port in $ORIGIN $GW $SQUID $TINY "${model_port[@]}"; do wait_port "$port"; done
 sleep 0.5
 
 # --- measurements -------------------------------------------------------------------------
@@ -192,10 +209,11 @@ proxy_args() {
     gateway) echo "-x http://127.0.0.1:$GW" ;;
     squid) echo "-x http://127.0.0.1:$SQUID" ;;
     tinyproxy) echo "-x http://127.0.0.1:$TINY" ;;
+    gateway-w*) echo "-x http://127.0.0.1:${model_port[$1]}" ;;
   esac
 }
-proxy_port() { case $1 in gateway) echo "$GW" ;; squid) echo "$SQUID" ;; tinyproxy) echo "$TINY" ;; esac; }
-proxy_pid() { case $1 in gateway) echo "$gw_pid" ;; squid) echo "$squid_pid" ;; tinyproxy) echo "$tiny_pid" ;; esac; }
+proxy_port() { case $1 in gateway) echo "$GW" ;; squid) echo "$SQUID" ;; tinyproxy) echo "$TINY" ;; gateway-w*) echo "${model_port[$1]}" ;; esac; }
+proxy_pid() { case $1 in gateway) echo "$gw_pid" ;; squid) echo "$squid_pid" ;; tinyproxy) echo "$tiny_pid" ;; gateway-w*) echo "${model_pid[$1]}" ;; esac; }
 
 # cpu_ticks PID: the user and system CPU time (clock ticks) PID and its children have used,
 # from /proc/PID/stat (fields 14 and 15; the command names here have no spaces).
@@ -213,7 +231,7 @@ cpu_ticks() {
 oha_rps() {
   local name=$1 mode=$2; shift 2
   local extra=() pid before after
-  [ "$name" = gateway ] && extra=(--proxy-header "Proxy-Authorization: $AUTH")
+  [[ "$name" = gateway* ]] && extra=(--proxy-header "Proxy-Authorization: $AUTH")
   pid=$(proxy_pid "$name")
   local perf=
   if [ "${PERF:-0}" = 1 ] && [ -n "$pid" ] && [ "$mode" != warmup ]; then
@@ -313,6 +331,7 @@ for t in "${targets[@]}"; do
   bulk "$t" > /dev/null
   DURATION=1 oha_rps "$t" warmup > /dev/null
 done
+for m in "${models[@]}"; do DURATION=1 oha_rps "$m" warmup > /dev/null; done
 for round in $(seq "$ROUNDS"); do
   log "round $round of $ROUNDS"
   # rotate the order each round so no target always runs first (or on a warm cache)
@@ -322,6 +341,12 @@ for round in $(seq "$ROUNDS"); do
     new[$t]+="$(oha_rps "$t" new --disable-keepalive) "
     bulkbps[$t]+="$(bulk "$t") "
     [ "$t" = direct ] || refusals[$t]+="$(deny "$t") "
+    if [ "$t" = gateway ]; then # the other models right after the default, in the same conditions
+      for m in "${models[@]}"; do
+        keep[$m]+="$(oha_rps "$m" keep) "
+        new[$m]+="$(oha_rps "$m" new --disable-keepalive) "
+      done
+    fi
   done
 done
 
@@ -360,11 +385,9 @@ printf '| memory per idle tunnel (%s tunnels) | - | %s KiB | %s KiB | %s KiB | %
 printf '| idle tunnels opened / failed | - | %s / %s | %s / %s | %s / %s | - | - |\n' "$g_open" "$g_fail" "$s_open" "$s_fail" "$t_open" "$t_fail"
 printf '| %s concurrent tunnels, opened / failed | - | %s / %s | - | - | - | - |\n' "$MANY_TUNNELS" "$m_open" "$m_fail"
 
-# cpu_row MODE LABEL: CPU microseconds per request, user / system (total), medians over rounds.
-cpu_row() {
-  local mode=$1 label=$2 t cells=() totals=()
-  for t in gateway squid tinyproxy; do
-    read -r u s < <(python3 - "$work/cpu.$t.$mode" <<'PY'
+# cpu_median NAME MODE: median user and system CPU microseconds per request over the rounds.
+cpu_median() {
+  python3 - "$work/cpu.$1.$2" <<'PY'
 import statistics, sys
 try:
     rows = [tuple(map(float, line.split())) for line in open(sys.argv[1]) if line.strip()]
@@ -372,9 +395,16 @@ try:
 except Exception:
     print("0 0")
 PY
-)
-    cells+=("$u / $s ($(python3 -c "print(f'{$u + $s:.1f}')"))")
-    totals+=("$(python3 -c "print($u + $s)")")
+}
+total() { python3 -c "print(f'{$1 + $2:.1f}')"; }
+
+# cpu_row MODE LABEL: CPU microseconds per request, user / system (total), medians over rounds.
+cpu_row() {
+  local mode=$1 label=$2 t u s cells=() totals=()
+  for t in gateway squid tinyproxy; do
+    read -r u s < <(cpu_median "$t" "$mode")
+    cells+=("$u / $s ($(total "$u" "$s"))")
+    totals+=("$(total "$u" "$s")")
   done
   printf '| CPU µs per request, %s: user / sys (total) | - | %s | %s | %s | %s | - |\n' "$label" \
     "${cells[0]}" "${cells[1]}" "${cells[2]}" "$(ratio "${totals[0]}" "${totals[1]}")"
@@ -401,4 +431,20 @@ PY
 if [ "${PERF:-0}" = 1 ]; then
   perf_row keep "kept-alive tunnels"
   perf_row new "new CONNECT + TLS per request"
+fi
+
+# The gateway models against Squid, from the same rounds.
+if [ ${#models[@]} -gt 0 ]; then
+  cpu_total() { local u s; read -r u s < <(cpu_median "$1" "$2"); total "$u" "$s"; }
+  squid_keep=$(median "${keep[squid]}"); squid_new=$(median "${new[squid]}")
+  squid_cpu_keep=$(cpu_total squid keep); squid_cpu_new=$(cpu_total squid new)
+  echo
+  echo "| gateway model | requests/s kept-alive (/squid) | requests/s new CONNECT + TLS (/squid) | CPU µs per kept-alive request (/squid) | CPU µs per new CONNECT + TLS (/squid) |"
+  echo "|---|---|---|---|---|"
+  for m in gateway "${models[@]}"; do
+    case $m in gateway) label="workers = ${GATEWAY_WORKERS:-1 (default)}" ;; gateway-w0) label="workers = 0 (the main runtime)" ;; *) label="workers = ${m#gateway-w}" ;; esac
+    k=$(median "${keep[$m]}"); n=$(median "${new[$m]}"); ck=$(cpu_total "$m" keep); cn=$(cpu_total "$m" new)
+    printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s (%s) |\n' "$label" "$k" "$(ratio "$k" "$squid_keep")" "$n" "$(ratio "$n" "$squid_new")" \
+      "$ck" "$(ratio "$ck" "$squid_cpu_keep")" "$cn" "$(ratio "$cn" "$squid_cpu_new")"
+  done
 fi

@@ -63,6 +63,9 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 64;
 /// A request head must arrive within this.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// At shutdown, how long a response in flight may take to finish before its connection is
+/// closed anyway.
+const CLOSING_GRACE: Duration = Duration::from_secs(5);
 /// A request body must arrive within this.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -114,7 +117,12 @@ pub(crate) async fn serve(
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
-                _ = stop.cancelled() => {}
+                _ = stop.cancelled() => {
+                    // Finish the response in flight (an event stream's last chunk included:
+                    // its body ended when the gateway turned unready), then close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSING_GRACE, conn).await;
+                }
             }
         });
     }

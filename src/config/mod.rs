@@ -144,9 +144,10 @@ pub struct Server {
     /// Who may use the admin API: every `[[admin_user]]`, and `admin_token` as the user
     /// `admin` with the role `admin`. Empty: the admin API is open (to those who can reach it).
     pub admin_users: Vec<AdminUser>,
-    /// `workers`: 0 serves the proxy listeners on the shared work-stealing runtime; N > 0 on N
-    /// event loops, each a thread with its own `SO_REUSEPORT` listener per proxy listener, so
-    /// that a connection and its tunnel stay on the thread that accepted it.
+    /// `workers`: N > 0 serves the proxy listeners on N event loops (default 1), each a thread
+    /// of its own, so that a connection and its tunnel stay on the thread that accepted it;
+    /// with N > 1 each loop has its own `SO_REUSEPORT` listener per proxy listener. 0 serves
+    /// them on the main work-stealing runtime, beside the admin listener.
     pub workers: usize,
 }
 

@@ -42,7 +42,10 @@ const DEFAULT_MAX_DOMAINS: usize = 30;
 /// has one more of its own).
 const DEFAULT_POOL_SIZE: usize = 4;
 const MAX_POOL_SIZE: usize = 64;
-/// `[server] workers`: event loops, each a thread of its own.
+/// `[server] workers`: event loops, each a thread of its own. One, as Squid and nginx: on a
+/// machine the gateway shares with what it serves, one loop costs the least CPU per request
+/// (BENCHMARKS.md, "CPU per request").
+const DEFAULT_WORKERS: usize = 1;
 const MAX_WORKERS: usize = 256;
 
 /// Load as [`load`] would, but with the `apps_dir` file `file` holding `text` (or, for
@@ -829,7 +832,7 @@ impl Validator {
         }
         let admin_users = self.admin_users(main, raw, admin_token.as_deref());
         let workers = match &raw.server.workers {
-            None => 0,
+            None => DEFAULT_WORKERS,
             Some(n) => match usize::try_from(*n.get_ref()) {
                 Ok(n @ 0..=MAX_WORKERS) => n,
                 _ => {

@@ -138,7 +138,8 @@ impl Gateway {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut spares: Vec<Vec<(TcpListener, ListenerSpec)>> = (1..workers).map(|_| Vec::new()).collect();
         for spec in &config.listeners {
-            if workers == 0 {
+            if workers <= 1 {
+                // One event loop: a listener nobody else can join.
                 listeners.push((bind(spec.listen).await?, spec.clone()));
                 continue;
             }
