@@ -10,7 +10,10 @@
 # COMPARE_WORKERS="0 2" (also runs a gateway with each of these `workers` values, measured in
 # the same rounds on kept-alive and new requests, rates and CPU, in a second table); PERF=1
 # also counts each proxy's context switches, CPU migrations and system calls per request with
-# `perf stat` (Debian's linux-perf) over the request-rate runs.
+# `perf stat` (Debian's linux-perf) over the request-rate runs; PERF=record instead samples each
+# gateway's and Squid's call stacks (`perf record -g`, 999 Hz) over their first round's
+# request-rate runs and prints where their CPU per request goes, by kernel entry point (the
+# sampling costs some CPU in that round).
 # Prints a markdown table of medians and ratios.
 set -euo pipefail
 
@@ -66,7 +69,7 @@ missing=()
 command -v nginx >/dev/null || missing+=(nginx-light)
 command -v squid >/dev/null || missing+=(squid)
 command -v tinyproxy >/dev/null || missing+=(tinyproxy)
-if [ "${PERF:-0}" = 1 ]; then command -v perf >/dev/null || missing+=(linux-perf); fi
+if [ "${PERF:-0}" != 0 ]; then command -v perf >/dev/null || missing+=(linux-perf); fi
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]} from Debian"
   apt-get update -q >/dev/null
@@ -233,11 +236,15 @@ oha_rps() {
   local extra=() pid before after
   [[ "$name" = gateway* ]] && extra=(--proxy-header "Proxy-Authorization: $AUTH")
   pid=$(proxy_pid "$name")
-  local perf=
+  local perf= record=
   if [ "${PERF:-0}" = 1 ] && [ -n "$pid" ] && [ "$mode" != warmup ]; then
     # every thread of the proxy, for the length of the run
     perf stat -e context-switches,cpu-migrations,raw_syscalls:sys_enter -x, -o "$work/perf.out" \
         -t "$(ls /proc/"$pid"/task | paste -sd,)" -- sleep "$DURATION" 2>/dev/null & perf=$!
+  fi
+  if [ "${PERF:-0}" = record ] && [ -n "$pid" ] && [ "$mode" != warmup ] && [ "$name" != tinyproxy ] \
+      && [ ! -e "$work/record.$name.$mode" ]; then
+    perf record -q -F 999 -g -o "$work/record.$name.$mode" -p "$pid" -- sleep "$DURATION" >/dev/null 2>&1 & record=$!
   fi
   before=$([ -n "$pid" ] && cpu_ticks "$pid" || echo "0 0")
   # shellcheck disable=SC2046
@@ -245,6 +252,7 @@ oha_rps() {
       $(proxy_args "$name") "${extra[@]}" "$@" "https://$ORIGIN_NAME:$ORIGIN/small" > "$work/oha.json" 2>/dev/null || true
   after=$([ -n "$pid" ] && cpu_ticks "$pid" || echo "0 0")
   [ -n "$perf" ] && wait "$perf"
+  [ -n "$record" ] && wait "$record"
   python3 - "$work/oha.json" "$before" "$after" "$(getconf CLK_TCK)" "$work/cpu.$name.$mode" \
       "$([ -n "$perf" ] && echo "$work/perf.out")" "$work/perf.$name.$mode" <<'PY'
 import json, sys
@@ -447,4 +455,72 @@ if [ ${#models[@]} -gt 0 ]; then
     printf '| %s | %s (%s) | %s (%s) | %s (%s) | %s (%s) |\n' "$label" "$k" "$(ratio "$k" "$squid_keep")" "$n" "$(ratio "$n" "$squid_new")" \
       "$ck" "$(ratio "$ck" "$squid_cpu_keep")" "$cn" "$(ratio "$cn" "$squid_cpu_new")"
   done
+fi
+
+# Where each proxy's CPU per request goes, from the stacks sampled in its first round: the
+# share of samples under each kernel entry point (inclusive; "switching" is the part of all
+# of them spent being switched back in after sleeping), times the CPU per request of that
+# same run.
+if [ "${PERF:-0}" = record ]; then
+  profiled=(gateway "${models[@]}" squid)
+  for mode in keep new; do
+    for t in "${profiled[@]}"; do
+      [ -e "$work/record.$t.$mode" ] || continue
+      perf report -i "$work/record.$t.$mode" --children --sort sym --stdio -g none 2>/dev/null > "$work/report.$t.$mode" || true
+      perf report -i "$work/record.$t.$mode" --no-children --sort dso --stdio -g none 2>/dev/null > "$work/dso.$t.$mode" || true
+    done
+  done
+  python3 - "$work" "${profiled[@]}" <<'PY'
+import re, sys
+work, names = sys.argv[1], sys.argv[2:]
+groups = [
+    ("user space", None),
+    # the functions every path of a system call passes, whatever the kernel's entry stubs
+    ("send (the receiver's TCP input and wake-up included)", ["__sys_sendto", "ksys_write", "do_writev", "__sys_sendmsg"]),
+    ("receive", ["__sys_recvfrom", "ksys_read", "do_readv", "__sys_recvmsg"]),
+    ("epoll_wait", ["do_epoll_wait"]),
+    ("epoll_ctl", ["do_epoll_ctl"]),
+    ("accept, socket, connect", ["__sys_accept4", "__sys_socket", "__sys_connect"]),
+    ("shutdown, close", ["__sys_shutdown", "__x64_sys_close"]),
+    ("futex (threads waking threads)", ["do_futex"]),
+]
+def load(name, mode):
+    try:
+        children = {}
+        for line in open(f"{work}/report.{name}.{mode}"):
+            m = re.match(r"\s+([\d.]+)%\s+([\d.]+)%\s+\[k\]\s+(\S+)", line)
+            if m:
+                children[m.group(3)] = (float(m.group(1)), float(m.group(2)))
+        kernel = sum(float(m.group(1)) for line in open(f"{work}/dso.{name}.{mode}")
+                     if (m := re.match(r"\s+([\d.]+)%\s+\[kernel", line)))
+        cpu = sum(map(float, open(f"{work}/cpu.{name}.{mode}").readline().split()))
+        return children, kernel, cpu
+    except (OSError, ValueError):
+        return None
+for mode, label in (("keep", "kept-alive tunnels"), ("new", "new CONNECT + TLS per request")):
+    data = {n: load(n, mode) for n in names}
+    cols = [n for n in names if data[n]]
+    if not cols:
+        continue
+    print()
+    print(f"| CPU µs per request, {label} (perf record, first round) | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    rows = {}
+    for n in cols:
+        children, kernel, cpu = data[n]
+        us = lambda pct: pct * cpu / 100
+        cells = [us(100 - kernel)]
+        named = 0.0
+        for _, syms in groups[1:]:
+            pct = sum(children.get(s, (0, 0))[0] for s in syms)
+            named += pct
+            cells.append(us(pct))
+        cells.append(us(max(kernel - named, 0)))
+        cells.append(us(children.get("finish_task_switch.isra.0", (0, 0))[1]))
+        cells.append(cpu)
+        rows[n] = cells
+    labels = [g[0] for g in groups] + ["other kernel work", "of all these: switching back in after sleeping", "total (CPU per request of that run)"]
+    for i, row_label in enumerate(labels):
+        print(f"| {row_label} | " + " | ".join(f"{rows[n][i]:.1f}" for n in cols) + " |")
+PY
 fi
