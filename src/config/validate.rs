@@ -836,7 +836,11 @@ impl Validator {
             Some(n) => match usize::try_from(*n.get_ref()) {
                 Ok(n @ 0..=MAX_WORKERS) => n,
                 _ => {
-                    self.error(main, n.span(), format!("workers must be 0 (one shared runtime) to {MAX_WORKERS}"));
+                    self.error(
+                        main,
+                        n.span(),
+                        format!("workers must be 0 (the proxy on the main runtime) to {MAX_WORKERS}"),
+                    );
                     0
                 }
             },
