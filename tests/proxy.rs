@@ -254,6 +254,12 @@ async fn names_resolving_to_loopback_are_refused_but_resolve_overrides_are_trust
     // a [resolve] override to 127.0.0.1 is the operator's word: allowed
     let answer = demo(&gw, "api.shop.example:443").await;
     assert_eq!((answer.status, answer.reason()), (200, "whitelisted"));
+    // The 200 follows the gateway's connect, which the kernel completes before the origin's
+    // accept returns: wait for the origin to count it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while origin.connections.load(std::sync::atomic::Ordering::SeqCst) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(origin.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
@@ -423,7 +429,7 @@ async fn hostile_requests_get_answers_not_panics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_proxy_on_the_shared_runtime_serves_counts_and_drains() {
+async fn the_proxy_on_the_main_runtime_serves_refuses_and_drains() {
     // workers = 0: the proxy listeners on the main runtime, beside the admin listener.
     let origin = Origin::start(ORIGIN_NAMES).await;
     let config = gateway_config(origin.addr, "").replacen(
@@ -439,9 +445,20 @@ async fn the_proxy_on_the_shared_runtime_serves_counts_and_drains() {
     assert_eq!(demo(&gw, "evil.example:443").await.reason(), "not_whitelisted");
     let allowed = r#"gateway_requests_total{app="demo",channel="request",decision="allow",reason="whitelisted"}"#;
     assert_eq!(gw.wait_metric(allowed, 1.0).await, 1.0);
-    drop(tls);
+    let denied = r#"gateway_requests_total{app="demo",channel="request",decision="deny",reason="not_whitelisted"}"#;
+    assert_eq!(gw.wait_metric(denied, 1.0).await, 1.0);
+    // Shutdown: new connections are refused, the open tunnel keeps working until it closes,
+    // and only then does the gateway stop.
     let stopped = gw.shutdown();
-    tokio::time::timeout(WAIT, stopped).await.expect("the gateway did not stop").unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect(gw.addr()).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting while draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(https_request(&mut tls, "GET", "/bytes/5000", b"").await.len(), 5000);
+    assert!(!stopped.is_finished(), "stopped with a tunnel open");
+    drop(tls);
+    tokio::time::timeout(WAIT, stopped).await.expect("the drain did not end").unwrap();
 }
 
 #[tokio::test]

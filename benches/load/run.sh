@@ -254,7 +254,8 @@ oha_rps() {
   [ -n "$perf" ] && wait "$perf"
   [ -n "$record" ] && wait "$record"
   python3 - "$work/oha.json" "$before" "$after" "$(getconf CLK_TCK)" "$work/cpu.$name.$mode" \
-      "$([ -n "$perf" ] && echo "$work/perf.out")" "$work/perf.$name.$mode" <<'PY'
+      "$([ -n "$perf" ] && echo "$work/perf.out")" "$work/perf.$name.$mode" \
+      "$([ -n "$record" ] && echo "$work/record-cpu.$name.$mode")" <<'PY'
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))
@@ -266,6 +267,9 @@ except Exception:
 (u0, s0), (u1, s1), tick = map(int, sys.argv[2].split()), map(int, sys.argv[3].split()), int(sys.argv[4])
 if ok:
     with open(sys.argv[5], "a") as out:
+        out.write(f"{(u1 - u0) * 1e6 / tick / ok:.1f} {(s1 - s0) * 1e6 / tick / ok:.1f}\n")
+if ok and len(sys.argv) > 8 and sys.argv[8]:
+    with open(sys.argv[8], "w") as out:  # the CPU of the run that was profiled
         out.write(f"{(u1 - u0) * 1e6 / tick / ok:.1f} {(s1 - s0) * 1e6 / tick / ok:.1f}\n")
 if ok and sys.argv[6]:
     counts = {}
@@ -349,8 +353,10 @@ for round in $(seq "$ROUNDS"); do
     new[$t]+="$(oha_rps "$t" new --disable-keepalive) "
     bulkbps[$t]+="$(bulk "$t") "
     [ "$t" = direct ] || refusals[$t]+="$(deny "$t") "
-    if [ "$t" = gateway ]; then # the other models right after the default, in the same conditions
-      for m in "${models[@]}"; do
+    if [ "$t" = gateway ] && [ ${#models[@]} -gt 0 ]; then
+      # the other models right after the default one, in an order rotated each round
+      shift_by=$((round % ${#models[@]}))
+      for m in "${models[@]:$shift_by}" "${models[@]:0:$shift_by}"; do
         keep[$m]+="$(oha_rps "$m" keep) "
         new[$m]+="$(oha_rps "$m" new --disable-keepalive) "
       done
@@ -491,9 +497,10 @@ def load(name, mode):
             m = re.match(r"\s+([\d.]+)%\s+([\d.]+)%\s+\[k\]\s+(\S+)", line)
             if m:
                 children[m.group(3)] = (float(m.group(1)), float(m.group(2)))
+        # the kernel and its modules: every "[name]" but the vDSO and unknown code
         kernel = sum(float(m.group(1)) for line in open(f"{work}/dso.{name}.{mode}")
-                     if (m := re.match(r"\s+([\d.]+)%\s+\[kernel", line)))
-        cpu = sum(map(float, open(f"{work}/cpu.{name}.{mode}").readline().split()))
+                     if (m := re.match(r"\s+([\d.]+)%\s+\[(?!vdso\]|unknown\]|vsyscall\])", line)))
+        cpu = sum(map(float, open(f"{work}/record-cpu.{name}.{mode}").readline().split()))
         return children, kernel, cpu
     except (OSError, ValueError):
         return None
@@ -516,7 +523,7 @@ for mode, label in (("keep", "kept-alive tunnels"), ("new", "new CONNECT + TLS p
             named += pct
             cells.append(us(pct))
         cells.append(us(max(kernel - named, 0)))
-        cells.append(us(children.get("finish_task_switch.isra.0", (0, 0))[1]))
+        cells.append(us(sum(own for sym, (_, own) in children.items() if sym.startswith("finish_task_switch"))))
         cells.append(cpu)
         rows[n] = cells
     labels = [g[0] for g in groups] + ["other kernel work", "of all these: switching back in after sleeping", "total (CPU per request of that run)"]

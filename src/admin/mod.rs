@@ -65,7 +65,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// At shutdown, how long a response in flight may take to finish before its connection is
 /// closed anyway.
-const CLOSING_GRACE: Duration = Duration::from_secs(5);
+const CLOSING_GRACE: Duration = Duration::from_secs(1);
 /// A request body must arrive within this.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -162,7 +162,16 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
             }
             return respond(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render());
         }
-        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/healthz") => {
+            return match shared.loops.stalled(crate::proxy::STALLED_AFTER) {
+                None => text(StatusCode::OK, "ok\n"),
+                Some((index, since)) => respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    format!("event loop {index} has not turned for {} s\n", since.as_secs()).into_bytes(),
+                ),
+            };
+        }
         (&Method::GET, "/readyz") => {
             return if shared.unready.is_cancelled() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")

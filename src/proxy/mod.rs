@@ -95,8 +95,50 @@ pub(crate) struct Shared {
     pub admin_running: bool,
     /// Whether a proxy listener runs over TLS (a reload may not remove `[tls]` then).
     pub tls_running: bool,
+    /// When each event loop last turned (`/healthz`).
+    pub loops: Heartbeats,
     overloaded_response: Vec<u8>,
     lingering: Arc<Semaphore>,
+}
+
+/// How often an event loop notes that it turns.
+const BEAT_EVERY: Duration = Duration::from_secs(1);
+/// An event loop that has not turned for this long is stalled: `/healthz` answers 503, so
+/// that a liveness probe restarts a gateway whose proxy no longer serves (the admin listener
+/// runs on the main runtime and would answer regardless).
+pub(crate) const STALLED_AFTER: Duration = Duration::from_secs(10);
+
+/// When each of the `workers` event loops last turned.
+pub(crate) struct Heartbeats {
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch`, one per loop.
+    beats: Box<[std::sync::atomic::AtomicU64]>,
+}
+
+impl Heartbeats {
+    fn new(loops: usize) -> Heartbeats {
+        Heartbeats {
+            epoch: std::time::Instant::now(),
+            beats: (0..loops).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn beat(&self, index: usize) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.beats[index].store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The first loop that has not turned for `after`, and for how long.
+    pub fn stalled(&self, after: Duration) -> Option<(usize, Duration)> {
+        self.stalled_at(self.epoch.elapsed(), after)
+    }
+
+    fn stalled_at(&self, now: Duration, after: Duration) -> Option<(usize, Duration)> {
+        self.beats.iter().enumerate().find_map(|(index, beat)| {
+            let since = now.saturating_sub(Duration::from_millis(beat.load(std::sync::atomic::Ordering::Relaxed)));
+            (since >= after).then_some((index, since))
+        })
+    }
 }
 
 /// A client connection's `max_connections` slot; it also keeps the active gauge.
@@ -121,10 +163,12 @@ impl Drop for ConnectionSlot {
 /// A bound, not yet running gateway.
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// With `workers = 0`: the proxy listeners, served on the main runtime.
     listeners: Vec<(TcpListener, ListenerSpec)>,
-    /// With `workers` > 1: the listeners of workers 2..N, each bound to the same addresses
-    /// as `listeners` with `SO_REUSEPORT` (the kernel spreads new connections over them).
-    spares: Vec<Vec<(TcpListener, ListenerSpec)>>,
+    /// Every proxy listener's address, and whether it is served over TLS.
+    addrs: Vec<(SocketAddr, bool)>,
+    /// With `workers` > 0: the event loops, started, each waiting for `run` to let it accept.
+    workers: Vec<Worker>,
     admin: Option<TcpListener>,
     permits: Arc<Semaphore>,
     reloader: Arc<Reloader>,
@@ -150,7 +194,11 @@ impl Gateway {
                 spare.push((bind_shared(addr)?, spec.clone()));
             }
         }
-        let proxy_addr = listeners[0].0.local_addr()?;
+        let addrs = listeners
+            .iter()
+            .map(|(listener, spec)| Ok((listener.local_addr()?, spec.tls)))
+            .collect::<io::Result<Vec<_>>>()?;
+        let proxy_addr = addrs[0].0;
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -192,21 +240,32 @@ impl Gateway {
             proxy_addr,
             admin_running: admin.is_some(),
             tls_running: listeners.iter().any(|(_, spec)| spec.tls),
+            loops: Heartbeats::new(workers),
             overloaded_response: response::overloaded_bytes(),
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         });
         let reloader = Arc::new(Reloader::new(shared.clone(), loader));
-        Ok(Gateway { shared, listeners, spares, admin, permits, reloader })
+        // The event loops start here, so that one that cannot start fails the start of the
+        // gateway rather than leave its listeners closed; they accept once `run` says so.
+        let mut workers = Vec::new();
+        if shared.live.load().config.server.workers > 0 {
+            for (i, set) in std::iter::once(std::mem::take(&mut listeners)).chain(spares).enumerate() {
+                let worker = spawn_worker(i, set, shared.clone(), permits.clone())
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot start event loop {i}: {e}")))?;
+                workers.push(worker);
+            }
+        }
+        Ok(Gateway { shared, listeners, addrs, workers, admin, permits, reloader })
     }
 
     /// The bound proxy addresses, `server.listen` first, then each `[[listener]]` in order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
+        self.addrs.iter().map(|(addr, _)| *addr).collect()
     }
 
     /// The bound proxy addresses that are served over TLS.
     pub fn tls_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter(|(_, spec)| spec.tls).filter_map(|(l, _)| l.local_addr().ok()).collect()
+        self.addrs.iter().filter(|(_, tls)| *tls).map(|(addr, _)| *addr).collect()
     }
 
     /// The bound admin address, when `admin_listen` is set.
@@ -222,27 +281,23 @@ impl Gateway {
     /// Serve until `shutdown` completes, then drain (see the module docs). The admin listener
     /// keeps answering while the tunnels drain (`/readyz` says 503), and stops last.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let Gateway { shared, listeners, spares, admin, permits, reloader } = self;
+        let Gateway { shared, listeners, addrs: _, workers, admin, permits, reloader } = self;
+        // Should this future be dropped before it ends (its task aborted), stop everything it
+        // started, the event loops' threads included.
+        let mut hard_stop = HardStopOnDrop(Some(shared.clone()));
         let admin_stop = CancellationToken::new();
         let admin_task = admin.map(|listener| {
             let serve = crate::admin::serve(listener, shared.clone(), reloader.clone(), admin_stop.clone());
             tokio::spawn(serve)
         });
-        let workers = shared.live.load().config.server.workers;
+        for (listener, spec) in listeners {
+            shared.tracker.spawn(accept_loop(listener, spec, shared.clone(), permits.clone()));
+        }
         let mut threads = Vec::new();
-        if workers == 0 {
-            for (listener, spec) in listeners {
-                shared.tracker.spawn(accept_loop(listener, spec, shared.clone(), permits.clone()));
-            }
-        } else {
-            for (i, set) in std::iter::once(listeners).chain(spares).enumerate() {
-                match spawn_worker(i, set, shared.clone(), permits.clone()) {
-                    Ok(thread) => threads.push(thread),
-                    Err(e) => {
-                        tracing::error!(worker = i, error = %e, "cannot start a worker; its listeners are closed")
-                    }
-                }
-            }
+        for (index, worker) in workers.into_iter().enumerate() {
+            shared.loops.beat(index);
+            let _ = worker.go.send(());
+            threads.push(worker.thread);
         }
         shutdown.await;
         shared.unready.cancel();
@@ -266,6 +321,7 @@ impl Gateway {
         }
         // The workers end once everything they served has drained (just now).
         let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
+        hard_stop.0 = None;
     }
 }
 
@@ -281,24 +337,61 @@ fn bind_shared(addr: SocketAddr) -> io::Result<TcpListener> {
     listen().map_err(|e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
-/// Worker `index`: a thread with an event loop of its own that accepts on `listeners` and
-/// serves every connection it accepts, tunnel included, on that thread; it runs until the
-/// gateway has drained. Everything else (the policy snapshot, `max_connections`, metrics, the
-/// access log, revocation, shutdown) is shared with the rest of the gateway as it is.
+/// An event loop's thread, started by [`Gateway::bind`].
+struct Worker {
+    /// Sent by [`Gateway::run`]: start accepting. Dropped unsent (the gateway dropped before
+    /// it ran): the thread ends.
+    go: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Stops the gateway hard (no new connections, every tunnel closed) if [`Gateway::run`] is
+/// dropped before it has drained.
+struct HardStopOnDrop(Option<Arc<Shared>>);
+
+impl Drop for HardStopOnDrop {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.unready.cancel();
+            shared.stop.cancel();
+            shared.abort.cancel();
+            shared.tracker.close();
+        }
+    }
+}
+
+/// Worker `index`: a thread with an event loop of its own that, once told to go, accepts on
+/// `listeners` and serves every connection it accepts, tunnel included, on that thread; it
+/// runs until the gateway has drained. Everything else (the policy snapshot,
+/// `max_connections`, metrics, the access log, revocation, shutdown) is shared with the rest
+/// of the gateway as it is.
 fn spawn_worker(
     index: usize,
     listeners: Vec<(TcpListener, ListenerSpec)>,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
-) -> io::Result<std::thread::JoinHandle<()>> {
+) -> io::Result<Worker> {
     // Moved off this runtime's reactor, onto the worker's.
     let listeners = listeners
         .into_iter()
         .map(|(listener, spec)| Ok((listener.into_std()?, spec)))
         .collect::<io::Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::Builder::new().name(format!("gw-worker-{index}")).spawn(move || {
+    let (go, start) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new().name(format!("gw-worker-{index}")).spawn(move || {
         runtime.block_on(async move {
+            if start.await.is_err() {
+                return;
+            }
+            // Not tracked: it beats while the loop drains, and ends with the loop.
+            let beats = shared.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(BEAT_EVERY);
+                loop {
+                    every.tick().await;
+                    beats.loops.beat(index);
+                }
+            });
             for (listener, spec) in listeners {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
@@ -309,7 +402,8 @@ fn spawn_worker(
             }
             shared.tracker.wait().await;
         });
-    })
+    })?;
+    Ok(Worker { go, thread })
 }
 
 async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -486,5 +580,28 @@ fn turn_away(stream: TcpStream, client: SocketAddr, shared: &Arc<Shared>) {
             })
             .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_that_has_not_turned_for_long_enough_is_stalled() {
+        let loops = Heartbeats::new(3);
+        loops.beats[0].store(12_000, std::sync::atomic::Ordering::Relaxed);
+        loops.beats[1].store(3_500, std::sync::atomic::Ordering::Relaxed);
+        loops.beats[2].store(2_000, std::sync::atomic::Ordering::Relaxed);
+        let after = Duration::from_secs(10);
+        assert_eq!(loops.stalled_at(Duration::from_millis(11_900), after), None);
+        assert_eq!(loops.stalled_at(Duration::from_millis(12_000), after), Some((2, Duration::from_secs(10))));
+        assert_eq!(loops.stalled_at(Duration::from_millis(14_000), after), Some((1, Duration::from_millis(10_500))));
+        // no loops (workers = 0): never stalled
+        assert_eq!(Heartbeats::new(0).stalled_at(Duration::from_secs(3600), after), None);
+        // a fresh beat clears it
+        loops.beat(1);
+        loops.beat(2);
+        assert_eq!(loops.stalled(after), None);
     }
 }
