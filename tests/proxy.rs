@@ -535,6 +535,8 @@ async fn worker_event_loops_share_the_limit_the_policy_and_the_counters() {
     let answer = demo(&gw, "api.shop.example:443").await;
     assert_eq!((answer.status, answer.reason()), (503, "overloaded"));
     drop(holders);
+    // (their slots come back once the loops notice the closes)
+    gw.wait_metric("gateway_connections_active", 0.0).await;
     // a refusal is decided by the same policy on any loop
     assert_eq!(demo(&gw, "evil.example:443").await.reason(), "not_whitelisted");
     // and shutdown drains every loop
