@@ -352,9 +352,16 @@ async fn report_lets_through_and_records_the_refusal_and_open_lets_through() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_get_503_before_being_read() {
-    let (_origin, gw) = setup_with("max_connections = 1").await;
+    let origin = Origin::start(ORIGIN_NAMES).await;
+    let config = gateway_config(origin.addr, "max_connections = 1").replacen(
+        "[server]\n",
+        "[server]\nadmin_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    let gw = TestGateway::start(&config).await;
     let holder = TcpStream::connect(gw.addr()).await.unwrap();
-    // make sure the gateway accepted the first connection before the second arrives
+    // the gateway has accepted the first connection (on whichever loop) before the second
+    assert_eq!(gw.wait_metric("gateway_connections_active", 1.0).await, 1.0);
     let answer = connect_as(gw.addr(), "demo", "s3cret", "api.shop.example:443").await;
     assert_eq!((answer.status, answer.reason()), (503, "overloaded"));
     assert_eq!(answer.json()["reason"], "overloaded");
