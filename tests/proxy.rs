@@ -79,6 +79,11 @@ action = "open"
     )
 }
 
+/// `config` with `lines` added to its `[server]` table.
+fn with_server(config: String, lines: &str) -> String {
+    config.replacen("[server]\n", &format!("[server]\n{lines}\n"), 1)
+}
+
 async fn setup() -> (Origin, TestGateway) {
     setup_with("").await
 }
@@ -353,11 +358,7 @@ async fn report_lets_through_and_records_the_refusal_and_open_lets_through() {
 #[tokio::test]
 async fn connections_beyond_the_limit_get_503_before_being_read() {
     let origin = Origin::start(ORIGIN_NAMES).await;
-    let config = gateway_config(origin.addr, "max_connections = 1").replacen(
-        "[server]\n",
-        "[server]\nadmin_listen = \"127.0.0.1:0\"\n",
-        1,
-    );
+    let config = with_server(gateway_config(origin.addr, "max_connections = 1"), "admin_listen = \"127.0.0.1:0\"");
     let gw = TestGateway::start(&config).await;
     let holder = TcpStream::connect(gw.addr()).await.unwrap();
     // the gateway has accepted the first connection (on whichever loop) before the second
@@ -439,11 +440,7 @@ async fn hostile_requests_get_answers_not_panics() {
 async fn the_proxy_on_the_main_runtime_serves_refuses_and_drains() {
     // workers = 0: the proxy listeners on the main runtime, beside the admin listener.
     let origin = Origin::start(ORIGIN_NAMES).await;
-    let config = gateway_config(origin.addr, "").replacen(
-        "[server]\n",
-        "[server]\nworkers = 0\nadmin_listen = \"127.0.0.1:0\"\n",
-        1,
-    );
+    let config = with_server(gateway_config(origin.addr, ""), "workers = 0\nadmin_listen = \"127.0.0.1:0\"");
     let mut gw = TestGateway::start(&config).await;
     let answer = demo(&gw, "api.shop.example:443").await;
     assert_eq!(answer.status, 200);
@@ -473,7 +470,7 @@ async fn one_event_loop_does_not_share_its_port() {
     // With one loop the listener is not SO_REUSEPORT: a second gateway started on the same
     // address by mistake fails to start instead of silently taking half the connections.
     let origin = Origin::start(ORIGIN_NAMES).await;
-    let config = gateway_config(origin.addr, "").replacen("[server]\n", "[server]\nworkers = 1\n", 1);
+    let config = with_server(gateway_config(origin.addr, ""), "workers = 1");
     let gw = TestGateway::start(&config).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
@@ -498,11 +495,8 @@ async fn one_event_loop_does_not_share_its_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_event_loops_share_the_limit_the_policy_and_the_counters() {
     let origin = Origin::start(ORIGIN_NAMES).await;
-    let config = gateway_config(origin.addr, "max_connections = 8").replacen(
-        "[server]\n",
-        "[server]\nworkers = 2\nadmin_listen = \"127.0.0.1:0\"\n",
-        1,
-    );
+    let config =
+        with_server(gateway_config(origin.addr, "max_connections = 8"), "workers = 2\nadmin_listen = \"127.0.0.1:0\"");
     let mut gw = TestGateway::start(&config).await;
     // Tunnels from many source ports, which the kernel spreads over both loops' listeners.
     for _batch in 0..4 {

@@ -165,10 +165,9 @@ async fn route(req: Request<Incoming>, shared: &Shared, reloader: &Reloader, cal
         (&Method::GET, "/healthz") => {
             return match shared.loops.stalled(crate::proxy::STALLED_AFTER) {
                 None => text(StatusCode::OK, "ok\n"),
-                Some((index, since)) => respond(
+                Some((index, since)) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain; charset=utf-8",
-                    format!("event loop {index} has not turned for {} s\n", since.as_secs()).into_bytes(),
+                    format!("event loop {index} has not turned for {} s\n", since.as_secs()),
                 ),
             };
         }
@@ -642,8 +641,8 @@ fn respond(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Res
     response
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Body> {
-    respond(status, "text/plain; charset=utf-8", body.as_bytes().to_vec())
+fn text(status: StatusCode, body: impl Into<Vec<u8>>) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body.into())
 }
 
 pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -112,20 +113,17 @@ pub(crate) const STALLED_AFTER: Duration = Duration::from_secs(10);
 pub(crate) struct Heartbeats {
     epoch: std::time::Instant,
     /// Milliseconds since `epoch`, one per loop.
-    beats: Box<[std::sync::atomic::AtomicU64]>,
+    beats: Box<[AtomicU64]>,
 }
 
 impl Heartbeats {
     fn new(loops: usize) -> Heartbeats {
-        Heartbeats {
-            epoch: std::time::Instant::now(),
-            beats: (0..loops).map(|_| std::sync::atomic::AtomicU64::new(0)).collect(),
-        }
+        Heartbeats { epoch: std::time::Instant::now(), beats: (0..loops).map(|_| AtomicU64::new(0)).collect() }
     }
 
     fn beat(&self, index: usize) {
         let now = self.epoch.elapsed().as_millis() as u64;
-        self.beats[index].store(now, std::sync::atomic::Ordering::Relaxed);
+        self.beats[index].store(now, Ordering::Relaxed);
     }
 
     /// The first loop that has not turned for `after`, and for how long.
@@ -135,7 +133,7 @@ impl Heartbeats {
 
     fn stalled_at(&self, now: Duration, after: Duration) -> Option<(usize, Duration)> {
         self.beats.iter().enumerate().find_map(|(index, beat)| {
-            let since = now.saturating_sub(Duration::from_millis(beat.load(std::sync::atomic::Ordering::Relaxed)));
+            let since = now.saturating_sub(Duration::from_millis(beat.load(Ordering::Relaxed)));
             (since >= after).then_some((index, since))
         })
     }
@@ -247,15 +245,15 @@ impl Gateway {
         let reloader = Arc::new(Reloader::new(shared.clone(), loader));
         // The event loops start here, so that one that cannot start fails the start of the
         // gateway rather than leave its listeners closed; they accept once `run` says so.
-        let mut workers = Vec::new();
-        if shared.live.load().config.server.workers > 0 {
+        let mut loops = Vec::with_capacity(workers);
+        if workers > 0 {
             for (i, set) in std::iter::once(std::mem::take(&mut listeners)).chain(spares).enumerate() {
                 let worker = spawn_worker(i, set, shared.clone(), permits.clone())
                     .map_err(|e| io::Error::new(e.kind(), format!("cannot start event loop {i}: {e}")))?;
-                workers.push(worker);
+                loops.push(worker);
             }
         }
-        Ok(Gateway { shared, listeners, addrs, workers, admin, permits, reloader })
+        Ok(Gateway { shared, listeners, addrs, workers: loops, admin, permits, reloader })
     }
 
     /// The bound proxy addresses, `server.listen` first, then each `[[listener]]` in order.
@@ -590,9 +588,9 @@ mod tests {
     #[test]
     fn a_loop_that_has_not_turned_for_long_enough_is_stalled() {
         let loops = Heartbeats::new(3);
-        loops.beats[0].store(12_000, std::sync::atomic::Ordering::Relaxed);
-        loops.beats[1].store(3_500, std::sync::atomic::Ordering::Relaxed);
-        loops.beats[2].store(2_000, std::sync::atomic::Ordering::Relaxed);
+        loops.beats[0].store(12_000, Ordering::Relaxed);
+        loops.beats[1].store(3_500, Ordering::Relaxed);
+        loops.beats[2].store(2_000, Ordering::Relaxed);
         let after = Duration::from_secs(10);
         assert_eq!(loops.stalled_at(Duration::from_millis(11_900), after), None);
         assert_eq!(loops.stalled_at(Duration::from_millis(12_000), after), Some((2, Duration::from_secs(10))));
